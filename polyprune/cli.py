@@ -1,0 +1,218 @@
+"""The ``polyprune`` command. Parsing only: the work is done by the library.
+
+Exit codes: 0 done, 2 bad input (one line on stderr), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+
+from polyprune.errors import InputError
+
+__all__ = ["main"]
+
+log = logging.getLogger("polyprune")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (no usage dump) and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def _add_calibration_args(p: argparse.ArgumentParser, calib_required: bool) -> None:
+    p.add_argument(
+        "--calib",
+        required=calib_required,
+        metavar="MIX",
+        help="calibration mix LANG[:WEIGHT],... e.g. de,en or de:3,en:1",
+    )
+    p.add_argument(
+        "--source",
+        default="bundled",
+        help="text source: bundled (offline corpus), mc4[:N] (allenai/c4 multilingual, "
+        "N train shards), or a directory of <lang>.txt / <lang>.jsonl",
+    )
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows in all")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sampling",
+        choices=["concat", "window"],
+        default="concat",
+        help="concat: documents joined with EOS, distinct random windows; window: a "
+        "random document longer than seqlen at a random offset (reference code)",
+    )
+
+
+def _add_verbosity(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="warnings only, no progress bars",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="polyprune", description=__doc__.splitlines()[0])
+    _add_verbosity(ap, False)
+    # The same flags after the subcommand; SUPPRESS keeps them from resetting the top level's.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_verbosity(common, argparse.SUPPRESS)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prune", parents=[common], help="prune a model with a calibration mix")
+    p.add_argument("--model", required=True, help="hub id, local HF directory, or demo")
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned, in [0, 1)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8, ...")
+    _add_calibration_args(p, calib_required=False)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), float32, float16, bfloat16")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument(
+        "--true-sequential",
+        action="store_true",
+        help="solve q/k/v -> o -> gate/up -> down in turn, each on the outputs of the "
+        "groups already compressed",
+    )
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
+    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT damping")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--save-masks", action="store_true", help="also write masks.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    d = sub.add_parser("data", parents=[common], help="inspect calibration text sources and mixes")
+    dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    ls = dsub.add_parser("ls", parents=[common], help="languages of a source")
+    ls.add_argument("--source", default="bundled")
+    show = dsub.add_parser("show", parents=[common], help="how a mix splits the sample budget")
+    show.add_argument("mix")
+    show.add_argument("--model", help="tokenise with this model's tokenizer and fingerprint")
+    for a in ("source", "nsamples", "seqlen", "seed", "sampling"):
+        show._add_action(next(x for x in p._actions if x.dest == a))
+    return ap
+
+
+def _cmd_prune(args) -> int:
+    from polyprune.api import prune
+
+    if args.method != "magnitude" and not args.calib:
+        raise InputError(f"--method {args.method} needs --calib MIX (e.g. --calib de,en)")
+    _, manifest = prune(
+        args.model,
+        method=args.method,
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        calib=args.calib,
+        source=args.source,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        sampling=args.sampling,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        true_sequential=args.true_sequential,
+        blocksize=args.blocksize,
+        percdamp=args.percdamp,
+        out=args.out,
+        save_masks=args.save_masks,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        command=shlex.join(["polyprune", *sys.argv[1:]]),
+    )
+    cal = manifest["calibration"]
+    print(f"method      {manifest['method']} ({manifest['settings']['pattern']})")
+    if cal:
+        counts = ", ".join(f"{k} {v}" for k, v in cal["counts"].items())
+        print(f"calibration {cal['mix']}: {counts} windows x {cal['seqlen']} tokens")
+    print(f"sparsity    {manifest['achieved_sparsity']:.4f} of {len(manifest['layers'])} Linears")
+    print(f"time        {manifest['seconds']['total']:.1f} s")
+    print(f"written to  {args.out}")
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from polyprune.data.mix import CalibrationMix
+    from polyprune.data.sources import Mc4Source, get_source
+
+    src = get_source(args.source)
+    if args.data_command == "ls":
+        if isinstance(src, Mc4Source):
+            print(f"{src.describe()}: {len(src.languages())} languages (fetched on use)")
+            print(" ".join(src.languages()))
+            return 0
+        header = ("calib docs", "calib chars", "heldout docs", "heldout chars")
+        print(f"{'lang':<6}" + "".join(f"{h:>14}" for h in header))
+        for lang in src.languages():
+            c, h = src.documents(lang, "calib"), src.documents(lang, "heldout")
+            values = (len(c), sum(map(len, c)), len(h), sum(map(len, h)))
+            print(f"{lang:<6}" + "".join(f"{v:>14,}" for v in values))
+        return 0
+    mix = CalibrationMix.parse(args.mix)
+    counts = mix.counts(args.nsamples)
+    for lang in mix.langs:
+        src.check_language(lang)
+    calib_set = None
+    if args.model:
+        from polyprune.data.mix import build_calibration_set
+        from polyprune.models import load_model
+
+        tok = load_model(args.model).tokenizer
+        calib_set = build_calibration_set(
+            mix, tok, src, args.nsamples, args.seqlen, args.seed, args.sampling
+        )
+    print(f"mix {mix} from {src.describe()}: {args.nsamples} windows of {args.seqlen} tokens")
+    print(f"{'lang':<6}{'weight':>8}{'windows':>9}{'tokens':>10}")
+    for lang, w in zip(mix.langs, mix.weights, strict=True):
+        print(f"{lang:<6}{w:>8g}{counts[lang]:>9}{counts[lang] * args.seqlen:>10,}")
+    if calib_set is not None:
+        print(
+            f"sampling {calib_set.mode}, seed {calib_set.seed}, fingerprint {calib_set.fingerprint}"
+        )
+        first = 0
+        for lang in mix.langs:
+            text = tok.decode(calib_set.input_ids[first][:40]).replace("\n", " ")
+            print(f"  {lang}: {text[:100]!r}")
+            first += counts[lang]
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    try:
+        if args.command == "prune":
+            return _cmd_prune(args)
+        if args.command == "data":
+            return _cmd_data(args)
+    except InputError as e:
+        sys.stderr.write(f"polyprune {args.command}: error: {e}\n")
+        return 2
+    except BrokenPipeError:  # e.g. `polyprune data ls | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        sys.stderr.write("polyprune: interrupted; outputs are written only when complete\n")
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

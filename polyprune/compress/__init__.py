@@ -1,0 +1,1 @@
+"""Layer-by-layer compression: statistics, pure solvers, the engine and export."""

@@ -1,0 +1,68 @@
+"""Per-Linear input statistics, as running means over calibration tokens.
+
+* Hessian (SparseGPT, GPTQ): ``H = (2 / n) sum_t x_t x_t^T`` over the n tokens seen so far.
+* Squared column norms (Wanda): ``s_j = (1 / n) sum_t x_{t,j}^2``. Wanda's ``||X_j||_2`` is
+  ``sqrt(n s_j)``; the constant factor ``sqrt(n)`` does not change a per-row ranking.
+
+Both are running means so a batch of ``b`` tokens updates them with the weights ``n / (n + b)``
+and ``1 / (n + b)``: the values stay O(1) however many tokens pass, as in the reference code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+__all__ = ["InputStats", "StatKind", "accumulate_colsq", "accumulate_hessian"]
+
+StatKind = Literal["hessian", "colsq"]
+
+
+def accumulate_hessian(H: torch.Tensor, n: int, X: torch.Tensor) -> None:
+    """In place: H <- H * n/(n+b) + (2/(n+b)) X^T X for X (b, d); H (d, d) fp32."""
+    b = X.shape[0]
+    X = X.to(torch.float32)
+    H.mul_(n / (n + b))
+    H.addmm_(X.t(), X, alpha=2.0 / (n + b))
+
+
+def accumulate_colsq(s: torch.Tensor, n: int, X: torch.Tensor) -> None:
+    """In place: s <- s * n/(n+b) + (1/(n+b)) sum_t X_t^2 for X (b, d); s (d,) fp32."""
+    b = X.shape[0]
+    X = X.to(torch.float32)
+    s.mul_(n / (n + b))
+    s.add_(X.pow(2).sum(0), alpha=1.0 / (n + b))
+
+
+@dataclass
+class InputStats:
+    """Running statistics of one input shared by the Linears that read it."""
+
+    kind: StatKind
+    dim: int
+    device: torch.device | str = "cpu"
+    n: int = 0
+    H: torch.Tensor | None = field(default=None, repr=False)
+    colsq: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind == "hessian":
+            self.H = torch.zeros(self.dim, self.dim, dtype=torch.float32, device=self.device)
+        else:
+            self.colsq = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
+
+    def update(self, x: torch.Tensor) -> None:
+        X = x.reshape(-1, x.shape[-1])  # (tokens, d)
+        if X.device != torch.device(self.device):
+            X = X.to(self.device)
+        if self.kind == "hessian":
+            accumulate_hessian(self.H, self.n, X)
+        else:
+            accumulate_colsq(self.colsq, self.n, X)
+        self.n += X.shape[0]
+
+    def column_sq_norms(self) -> torch.Tensor:
+        """Wanda's statistic, also derivable from a Hessian: diag(H) / 2."""
+        return self.colsq if self.colsq is not None else torch.diagonal(self.H) / 2

@@ -1,0 +1,1 @@
+"""Evaluation: per-language perplexity (and, later, tasks and matrices)."""

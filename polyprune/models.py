@@ -1,0 +1,158 @@
+"""Load a causal LM by hub id, local directory or ``demo``; find its decoder blocks and Linears.
+
+Nothing here is per model family: the decoder blocks are the longest ``nn.ModuleList`` whose
+entries all have the same class and hold Linear layers; the Linears of a block are its
+``nn.Linear`` and GPT-2-style ``Conv1D`` sub-modules (weight stored transposed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from polyprune.errors import InputError
+
+__all__ = [
+    "DEMO_MODEL_DIR",
+    "LoadedModel",
+    "find_blocks",
+    "get_weight",
+    "is_linear",
+    "linear_layers",
+    "load_model",
+    "max_positions",
+    "resolve_model_path",
+    "set_weight",
+]
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo"
+
+
+def resolve_model_path(spec: str | os.PathLike) -> str:
+    """``demo`` -> the bundled model; an existing path -> itself; ``org/name`` -> hub id."""
+    spec = str(spec)
+    if spec == "demo":
+        if not (DEMO_MODEL_DIR / "config.json").is_file():
+            raise InputError(
+                f"the demo model is missing from {DEMO_MODEL_DIR}; reinstall polyprune"
+            )
+        return str(DEMO_MODEL_DIR)
+    if os.path.exists(spec):
+        if not os.path.isdir(spec) or not os.path.isfile(os.path.join(spec, "config.json")):
+            raise InputError(f"model path {spec!r} is not a directory with a config.json")
+        return spec
+    parts = spec.split("/")
+    looks_like_hub_id = (
+        len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and "\\" not in spec
+    )
+    if not looks_like_hub_id:
+        raise InputError(
+            f"model path {spec!r} does not exist (expected a local directory, a hub id such as "
+            "meta-llama/Meta-Llama-3-8B, or demo)"
+        )
+    return spec
+
+
+def _dtype(name: str | torch.dtype | None, device: str) -> torch.dtype | str:
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        # CPUs run fp16/bf16 matmuls slowly and with low precision: compress in fp32 there.
+        return torch.float32 if device == "cpu" else "auto"
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise InputError(f"unknown dtype {name!r}; allowed: auto, {', '.join(table)}")
+    return table[name]
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object | None
+    path: str
+    source_dtype: torch.dtype  # the checkpoint's dtype, used again on export
+
+
+def load_model(
+    spec: str | os.PathLike,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = "auto",
+    tokenizer: bool = True,
+) -> LoadedModel:
+    """Load model (and tokenizer) on CPU; the engine moves one block at a time to ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        src = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        source_dtype = src if isinstance(src, torch.dtype) else getattr(torch, str(src), None)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype, device))
+    except InputError:
+        raise
+    except (OSError, ValueError) as e:
+        raise InputError(f"could not load model {path!r}: {str(e).splitlines()[0]}") from e
+    model.eval()
+    tok = None
+    if tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise InputError(f"could not load the tokenizer of {path!r}: {e}") from e
+    if not isinstance(source_dtype, torch.dtype):
+        source_dtype = next(model.parameters()).dtype
+    return LoadedModel(model, tok, path, source_dtype)
+
+
+def max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features), whatever the layer stores."""
+    W = module.weight.data
+    return W.t() if type(module).__name__ == "Conv1D" else W
+
+
+def set_weight(module: nn.Module, W: torch.Tensor) -> None:
+    """Write W (out_features, in_features) back in place, in the layer's dtype and layout."""
+    if type(module).__name__ == "Conv1D":
+        W = W.t()
+    module.weight.data.copy_(W.to(module.weight.dtype))
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the longest ModuleList of same-class modules that contain Linears."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(b) for b in module}) != 1:
+            continue
+        if not any(is_linear(m) for m in module[0].modules()):
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is None:
+        raise InputError(f"found no decoder blocks in {type(model).__name__}")
+    return best
+
+
+def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
+    """Linear sub-layers of a block by their name relative to the block."""
+    return {name: m for name, m in block.named_modules() if name and is_linear(m)}

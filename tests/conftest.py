@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny models of several families, a tiny tokenizer, an isolated cache."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from polyprune.data.sources import BundledSource
+
+VOCAB = 384
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("POLYPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A byte-level BPE of 384 tokens trained in a second on a slice of the bundled corpus."""
+    src = BundledSource()
+    text = [d for lang in ("ar", "de", "en", "es", "ru", "zh") for d in src.documents(lang)[:20]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(text, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model(
+    family: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0
+):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1)
+    if family == "llama":
+        cfg = LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=128,
+            **common,
+        )
+        return LlamaForCausalLM(cfg)
+    if family == "qwen2":
+        cfg = Qwen2Config(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **common,
+        )
+        return Qwen2ForCausalLM(cfg)
+    if family == "opt":
+        cfg = OPTConfig(
+            hidden_size=hidden,
+            ffn_dim=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=hidden,
+            pad_token_id=1,
+            **common,
+        )
+        return OPTForCausalLM(cfg)
+    if family == "gpt2":
+        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=128, **common)
+        return GPT2LMHeadModel(cfg)
+    raise ValueError(family)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tokenizer):
+    """Save a tiny model of a family with the tiny tokenizer; returns a factory."""
+
+    def make(family: str = "llama", **kw) -> str:
+        path = tmp_path / f"model-{family}-{kw.get('hidden', 64)}"
+        model = tiny_model(family, **kw)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return str(path)
+
+    return make

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from polyprune.compress.masks import (
+    Pattern,
+    nm_mask,
+    pack_mask,
+    row_prune_count,
+    row_topk_mask,
+    unpack_mask,
+)
+from polyprune.errors import InputError
+
+
+def test_pattern_parses_unstructured_and_nm():
+    assert Pattern.parse("unstructured") == Pattern()
+    assert Pattern.parse("2:4") == Pattern(2, 4)
+    assert Pattern.parse("4:8").sparsity == 0.5
+
+
+@pytest.mark.parametrize("bad", ["2:x", "24", "2-4", ":4", "a:b"])
+def test_malformed_pattern_is_input_error(bad):
+    with pytest.raises(InputError, match="bad pattern"):
+        Pattern.parse(bad)
+
+
+@pytest.mark.parametrize("bad", ["4:2", "0:4", "4:4", "1:1"])
+def test_impossible_pattern_is_input_error(bad):
+    with pytest.raises(InputError, match="impossible pattern"):
+        Pattern.parse(bad)
+
+
+def test_pattern_width_check_names_the_layer():
+    with pytest.raises(InputError, match="layers.3.mlp has 66"):
+        Pattern(2, 4).check_width(66, "layers.3.mlp")
+
+
+def test_row_prune_count_is_exact_floor_for_decimal_sparsities():
+    assert row_prune_count(100, 0.29) == 29  # 100 * 0.29 == 28.999999999999996 in floats
+    assert row_prune_count(7, 0.5) == 3
+    assert row_prune_count(10, 0.0) == 0
+
+
+def test_row_topk_breaks_ties_by_column():
+    score = torch.tensor([[1.0, 1.0, 1.0, 0.5]])
+    assert row_topk_mask(score, 2).tolist() == [[True, False, False, True]]
+
+
+def test_nm_mask_has_n_in_every_group():
+    score = torch.randn(5, 24)
+    mask = nm_mask(score, 2, 4)
+    assert (mask.reshape(5, 6, 4).sum(-1) == 2).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (16, 33)])
+def test_mask_pack_roundtrip(shape):
+    mask = torch.rand(shape) > 0.5
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
+    assert torch.equal(unpack_mask(packed, shape), mask)
