@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), float32, float16, bfloat16")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument(
+        "--offload",
+        choices=["none", "cpu"],
+        default="none",
+        help="cpu: keep calibration activations in host memory (GPU runs)",
+    )
+    p.add_argument(
         "--true-sequential",
         action="store_true",
         help="solve q/k/v -> o -> gate/up -> down in turn, each on the outputs of the "
@@ -121,6 +127,7 @@ def _cmd_prune(args) -> int:
         device=args.device,
         dtype=args.dtype,
         batch_size=args.batch_size,
+        offload=args.offload,
         true_sequential=args.true_sequential,
         blocksize=args.blocksize,
         percdamp=args.percdamp,

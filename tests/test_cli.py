@@ -176,3 +176,19 @@ def test_console_script_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+
+
+def test_python_api_prunes_a_model_object(tokenizer):
+    import polyprune
+
+    from .conftest import tiny_model
+
+    model = tiny_model("llama")
+    pruned, manifest = polyprune.prune(
+        model, tokenizer=tokenizer, method="wanda", sparsity=0.3, calib="ru:1,zh:1",
+        nsamples=4, seqlen=32, progress=False, offload="cpu",
+    )  # fmt: skip
+    assert pruned is model
+    assert manifest["calibration"]["counts"] == {"ru": 2, "zh": 2}
+    assert manifest["achieved_sparsity"] == pytest.approx(0.3, abs=0.01)
+    assert manifest["settings"]["offload"] == "cpu"

@@ -78,8 +78,11 @@ class EngineConfig:
     true_sequential: bool = False
     keep_masks: bool = False
     progress: bool = True
+    offload: str = "none"  # "cpu": calibration activations in host memory, moved per batch
 
     def __post_init__(self) -> None:
+        if self.offload not in ("none", "cpu"):
+            raise InputError(f"unknown offload {self.offload!r}; allowed: none, cpu")
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
         if self.batch_size < 1:
@@ -156,9 +159,10 @@ def capture_block_inputs(
     device: torch.device | str,
     batch_size: int,
     progress: bool = True,
+    storage: torch.device | str | None = None,
 ) -> BlockInputs:
-    """Run the model up to block 0 on every batch of windows; keep block 0's inputs on CPU
-    when the device is CPU, on the device otherwise."""
+    """Run the model up to block 0 on every batch of windows and keep block 0's inputs on
+    ``storage`` (default: the device the model runs on)."""
     N = input_ids.shape[0]
     state: dict = {"hidden": None, "extra": {}, "slice": None}
 
@@ -166,7 +170,8 @@ def capture_block_inputs(
         kwargs = dict(kwargs)
         x = args[0] if args else kwargs.pop("hidden_states")
         if state["hidden"] is None:
-            state["hidden"] = torch.empty((N, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            where = x.device if storage is None else storage
+            state["hidden"] = torch.empty((N, *x.shape[1:]), dtype=x.dtype, device=where)
         state["hidden"][state["slice"]] = x
         bs = x.shape[0]
         if bs not in state["extra"]:
