@@ -35,7 +35,7 @@ def _version() -> str:
 def prune(
     model: str | os.PathLike | nn.Module,
     method: str = "sparsegpt",
-    sparsity: float = 0.5,
+    sparsity: float | None = None,
     pattern: str = "unstructured",
     calib: str | CalibrationMix | None = "en",
     source: str = "bundled",
@@ -67,8 +67,10 @@ def prune(
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
     pat = Pattern.parse(pattern)
+    if sparsity is None:  # N:M implies its sparsity; unstructured defaults to 50%
+        sparsity = pat.sparsity if pat.structured else 0.5
     cfg = PruneConfig(
-        sparsity=0.0 if pat.structured and sparsity == pat.sparsity else sparsity,
+        sparsity=sparsity,
         pattern=pat,
         blocksize=blocksize,
         percdamp=percdamp,

@@ -72,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", parents=[common], help="prune a model with a calibration mix")
     p.add_argument("--model", required=True, help="hub id, local HF directory, or demo")
     p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"])
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned, in [0, 1)")
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        default=None,
+        help="fraction pruned, in [0, 1); default 0.5, or N/M with --pattern N:M",
+    )
     p.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8, ...")
     _add_calibration_args(p, calib_required=False)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -135,7 +140,7 @@ def _cmd_prune(args) -> int:
         save_masks=args.save_masks,
         overwrite=args.overwrite,
         progress=not args.quiet,
-        command=shlex.join(["polyprune", *sys.argv[1:]]),
+        command=shlex.join(["polyprune", *args.argv]),
     )
     cal = manifest["calibration"]
     print(f"method      {manifest['method']} ({manifest['settings']['pattern']})")
@@ -195,7 +200,9 @@ def _cmd_data(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:

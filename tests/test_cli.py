@@ -55,6 +55,10 @@ def test_prune_end_to_end_writes_a_loadable_sparse_model(tiny_model_dir, tmp_pat
     assert cal["counts"] == {"de": 2, "en": 2} and cal["seqlen"] == 32 and cal["seed"] == 0
     assert cal["sampling"] == "concat" and len(cal["fingerprint"]) == 16 and cal["source"]
     assert manifest["settings"]["true_sequential"] is True
+    assert (
+        manifest["command"].startswith("polyprune prune --model ")
+        and "--save-masks" in manifest["command"]
+    )
     masks = load_masks(out / "masks.safetensors")
     assert set(masks) == set(manifest["layers"])
     for name, info in manifest["layers"].items():
@@ -137,6 +141,16 @@ def test_bad_input_is_one_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys,
     assert message in err
     assert err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_nm_pattern_implies_its_sparsity(tiny_model_dir, tmp_path):
+    out = tmp_path / "o"
+    args = ["prune", "--model", tiny_model_dir("opt"), "--method", "magnitude"]
+    assert cli(*args, "--pattern", "1:4", "--out", out, "-q") == 0
+    manifest = json.loads((out / "polyprune.json").read_text())
+    assert manifest["settings"]["sparsity"] == 0.25
+    assert manifest["achieved_sparsity"] == pytest.approx(0.25)
+    assert cli(*args, "--pattern", "1:4", "--sparsity", "0.5", "--out", tmp_path / "p") == 2
 
 
 def test_nm_pattern_impossible_for_layer_width(tiny_model_dir, tmp_path, capsys):

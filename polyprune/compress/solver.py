@@ -17,7 +17,7 @@ class PruneConfig:
     """Settings of a pruning solver, validated when built.
 
     ``sparsity`` is the fraction pruned per comparison group for unstructured patterns; for N:M
-    patterns it is implied (N / M) and must be left at 0 or equal N / M.
+    patterns it is implied (N / M): leave it at 0 or give N / M.
     """
 
     sparsity: float = 0.5
