@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job on the bundled demo model: SparseGPT at 50% calibrated on German + English
-# (64 + 64 windows of 512 tokens from the offline corpus), then held-out perplexity per language.
+# (64 + 64 windows of 256 tokens from the offline corpus), then held-out perplexity per language.
 demo: $(STAMP)
 	$(VENV)/bin/polyprune prune --model demo --method sparsegpt --sparsity 0.5 --calib de,en \
-		--source bundled --nsamples 128 --seqlen 512 --out $(DEMO_OUT) --save-masks --overwrite
+		--source bundled --nsamples 128 --seqlen 256 --out $(DEMO_OUT) --save-masks --overwrite
 	$(PY) scripts/demo_report.py --dense demo --compressed $(DEMO_OUT)
 
 lint: $(STAMP)

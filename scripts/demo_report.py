@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
 from polyprune.errors import InputError
 from polyprune.eval.perplexity import perplexity
 from polyprune.models import load_model
@@ -27,11 +29,13 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=None)
     args = ap.parse_args()
     langs = args.langs.split(",")
+    hf_logging.disable_progress_bar()
     try:
         dense = load_model(args.dense)
         pruned = load_model(args.compressed, tokenizer=False)
-        before = perplexity(dense.model, dense.tokenizer, langs, args.source, args.seqlen)
-        after = perplexity(pruned.model, dense.tokenizer, langs, args.source, args.seqlen)
+        kw = dict(source=args.source, seqlen=args.seqlen, progress=False)
+        before = perplexity(dense.model, dense.tokenizer, langs, **kw)
+        after = perplexity(pruned.model, dense.tokenizer, langs, **kw)
     except InputError as e:
         print(f"demo_report: error: {e}", file=sys.stderr)
         return 2

@@ -178,6 +178,8 @@ def capture_block_inputs(
             state["extra"][bs] = (tuple(args[1:]), kwargs)
         raise _StopForward
 
+    in_blocks = {id(p) for p in blocks.parameters()}
+    home = next((p.device for p in model.parameters() if id(p) not in in_blocks), "cpu")
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     _move_outside(model, blocks, device)
     try:
@@ -188,7 +190,7 @@ def capture_block_inputs(
                 model(input_ids[state["slice"]].to(device), use_cache=False)
     finally:
         handle.remove()
-        _move_outside(model, blocks, "cpu")
+        _move_outside(model, blocks, home)
     return BlockInputs(state["hidden"], state["extra"])
 
 
