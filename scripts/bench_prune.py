@@ -38,6 +38,12 @@ def make_inputs(root: Path) -> None:
         num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=2048,
     )  # fmt: skip
     LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    # llm-compressor insists on a processor when given a dataset: the demo tokenizer (8192).
+    from transformers import AutoTokenizer
+
+    from polyprune.models import DEMO_MODEL_DIR
+
+    AutoTokenizer.from_pretrained(DEMO_MODEL_DIR).save_pretrained(root / "model")
     ids = torch.randint(0, VOCAB, (NSAMPLES, SEQLEN), generator=torch.Generator().manual_seed(0))
     torch.save(ids, root / "ids.pt")
 
@@ -59,10 +65,15 @@ def worker_polyprune(root: Path, method: str) -> dict:
     t0 = time.perf_counter()
     report = compress_model(model, ids, cfg)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "sparsity": report.overall_sparsity()}
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "sparsity": report.overall_sparsity(),
+        "stages": report.seconds,
+    }
 
 
-def worker_llmcompressor(root: Path, method: str) -> dict:
+def worker_llmcompressor(root: Path, method: str, batch: int = BATCH) -> dict:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -78,7 +89,7 @@ def worker_llmcompressor(root: Path, method: str) -> dict:
     recipe = modifier(sparsity=0.5, targets=["Linear"], ignore=["re:.*lm_head"])
     t0 = time.perf_counter()
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=NSAMPLES,
-            max_seq_length=SEQLEN, batch_size=BATCH, shuffle_calibration_samples=False)  # fmt: skip
+            max_seq_length=SEQLEN, batch_size=batch, shuffle_calibration_samples=False)  # fmt: skip
     seconds = time.perf_counter() - t0
     linears = [m for n, m in model.named_modules() if "layers." in n and hasattr(m, "weight")
                and isinstance(m, torch.nn.Linear)]  # fmt: skip
@@ -87,8 +98,9 @@ def worker_llmcompressor(root: Path, method: str) -> dict:
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "sparsity": zeros / total}
 
 
-def measure(python: str, tool: str, root: Path, method: str) -> dict:
+def measure(python: str, tool: str, root: Path, method: str, batch: int = BATCH) -> dict:
     cmd = [python, __file__, "--worker", tool, "--method", method, "--root", str(root)]
+    cmd += ["--batch", str(batch)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
@@ -103,10 +115,13 @@ def main() -> int:
     ap.add_argument("--worker", choices=["polyprune", "llmcompressor"], help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        fn = worker_polyprune if args.worker == "polyprune" else worker_llmcompressor
-        print(json.dumps(fn(Path(args.root), args.method)))
+        if args.worker == "polyprune":
+            print(json.dumps(worker_polyprune(Path(args.root), args.method)))
+        else:
+            print(json.dumps(worker_llmcompressor(Path(args.root), args.method, args.batch)))
         return 0
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,25 +129,27 @@ def main() -> int:
         make_inputs(root)
         rows = []
         for method in ("magnitude", "wanda", "sparsegpt"):
-            tools = [("polyprune", sys.executable)]
+            # (label, worker, python, batch): llm-compressor at our batch size and at its own
+            # default (batch_size=1), which is what `oneshot` does when not told otherwise.
+            tools = [("polyprune", "polyprune", sys.executable, BATCH)]
             if args.llmc_python and method != "magnitude":
-                tools.append(("llm-compressor", args.llmc_python))
-            for tool, python in tools:
-                runs = [
-                    measure(python, "polyprune" if tool == "polyprune" else "llmcompressor",
-                            root, method)
-                    for _ in range(args.repeats)
-                ]  # fmt: skip
+                tools.append(("llm-compressor", "llmcompressor", args.llmc_python, BATCH))
+                tools.append(("llm-compressor (batch 1)", "llmcompressor", args.llmc_python, 1))
+            for label, worker, python, batch in tools:
+                runs = [measure(python, worker, root, method, batch) for _ in range(args.repeats)]
                 best = min(runs, key=lambda r: r["seconds"])
                 best["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
-                rows.append((method, tool, best))
-                print(f"  {method:<10} {tool:<15} {best['seconds']:7.2f} s", file=sys.stderr)
+                rows.append((method, label, best))
+                print(f"  {method:<10} {label:<25} {best['seconds']:7.2f} s", file=sys.stderr)
 
     print(f"\nrandom Llama: {LAYERS} layers, hidden {HIDDEN}, intermediate {INTER}, vocab {VOCAB}; "
           f"{NSAMPLES} x {SEQLEN} tokens, batch {BATCH}, CPU, sparsity 0.5")  # fmt: skip
-    print("| method | tool | seconds | peak RSS (MiB) | sparsity | time vs llm-compressor |")
+    print("| method | tool | seconds | peak RSS (MiB) | sparsity | time / fastest llm-compressor |")
     print("|---|---|---:|---:|---:|---:|")
-    ref = {m: r["seconds"] for m, t, r in rows if t == "llm-compressor"}
+    ref: dict[str, float] = {}  # the fastest llm-compressor configuration per method
+    for method, tool, r in rows:
+        if tool.startswith("llm-compressor"):
+            ref[method] = min(ref.get(method, float("inf")), r["seconds"])
     for method, tool, r in rows:
         ratio = f"{r['seconds'] / ref[method]:.2f}x" if method in ref else "-"
         print(f"| {method} | {tool} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | "

@@ -82,7 +82,7 @@ def test_prune_demo_end_to_end_keeps_it_a_language_model(tmp_path, demo):
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:  # saved in the source dtype
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
     pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     layers = [m for n, m in pruned.named_modules() if n.startswith("model.layers.") and
               isinstance(m, torch.nn.Linear)]  # fmt: skip

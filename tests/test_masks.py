@@ -58,3 +58,13 @@ def test_mask_pack_roundtrip(shape):
     packed = pack_mask(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
     assert torch.equal(unpack_mask(packed, shape), mask)
+
+
+@pytest.mark.parametrize("shape,k", [((6, 40), 13), ((3, 5, 8), 4), ((1, 1), 1), ((4, 9), 0)])
+def test_smallest_k_equals_a_stable_sort_even_with_many_ties(shape, k):
+    from polyprune.compress.masks import smallest_k_mask
+
+    score = torch.randint(0, 4, shape).float()  # mostly ties
+    idx = torch.sort(score, dim=-1, stable=True)[1][..., :k]
+    expected = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, True)
+    assert torch.equal(smallest_k_mask(score, k), expected)

@@ -197,3 +197,16 @@ def test_failed_cholesky_retries_with_more_damping(caplog):
 def test_bad_prune_config_is_input_error(kwargs, match):
     with pytest.raises(InputError, match=match):
         PruneConfig(**kwargs)
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", 0.0)])
+def test_sparsegpt_on_stacked_linears_equals_separate_calls(pattern, sparsity):
+    torch.manual_seed(3)
+    H = hessian(correlated_inputs(1024, 64))
+    Ws = [torch.randn(r, 64) for r in (16, 8, 8)]  # q, k, v of a GQA attention
+    cfg = PruneConfig(sparsity, pattern, blocksize=32)
+    stacked = sparsegpt_prune(torch.cat(Ws), H, cfg, segments=[16, 8, 8])
+    separate = [sparsegpt_prune(W, H, cfg) for W in Ws]
+    assert torch.equal(stacked.mask, torch.cat([r.mask for r in separate]))
+    torch.testing.assert_close(stacked.weight, torch.cat([r.weight for r in separate]))
+    assert stacked.loss == pytest.approx(sum(r.loss for r in separate), rel=1e-5)

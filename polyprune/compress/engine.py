@@ -53,18 +53,29 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Method:
+    """A solver as the engine calls it: ``solve(W, stats, cfg, name, segments)``.
+
+    Linears that share an input are passed stacked (rows concatenated, ``segments`` = their row
+    counts) when ``stacked``: one solve instead of several (one Cholesky factorisation for
+    q/k/v); the solver keeps its per-Linear choices per segment.
+    """
+
     name: str
     stat: StatKind | None  # statistics the solver needs; None = data-free
-    solve: Callable[[torch.Tensor, InputStats | None, PruneConfig, str], SolverResult]
+    solve: Callable[..., SolverResult]
+    stacked: bool = False
 
 
 METHODS: dict[str, Method] = {
-    "magnitude": Method("magnitude", None, lambda W, s, cfg, name: magnitude_prune(W, cfg)),
+    "magnitude": Method("magnitude", None, lambda W, s, cfg, name, seg: magnitude_prune(W, cfg)),
     "wanda": Method(
-        "wanda", "colsq", lambda W, s, cfg, name: wanda_prune(W, s.column_sq_norms(), cfg)
+        "wanda", "colsq", lambda W, s, cfg, name, seg: wanda_prune(W, s.column_sq_norms(), cfg)
     ),
     "sparsegpt": Method(
-        "sparsegpt", "hessian", lambda W, s, cfg, name: sparsegpt_prune(W, s.H, cfg, name)
+        "sparsegpt",
+        "hessian",
+        lambda W, s, cfg, name, seg: sparsegpt_prune(W, s.H, cfg, name, segments=seg),
+        stacked=True,
     ),
 }
 
@@ -282,25 +293,48 @@ def _solve_group(
     prefix: str,
     report: EngineReport,
 ) -> None:
-    for name, mod in group:
-        full = f"{prefix}.{name}"
+    if method.stacked and len(group) > 1:
         t0 = time.perf_counter()
-        W = get_weight(mod)
-        res = method.solve(W.to(cfg.device), st, cfg.prune, full)
-        set_weight(mod, res.weight)
-        W_new = get_weight(mod)
-        record = LayerRecord(
+        Ws = [get_weight(mod) for _, mod in group]
+        rows = [W.shape[0] for W in Ws]
+        names = "+".join(f"{prefix}.{name}" for name, _ in group)
+        W = torch.cat([W.to(cfg.device) for W in Ws])
+        res = method.solve(W, st, cfg.prune, names, rows)
+        seconds = (time.perf_counter() - t0) / len(group)
+        starts = [sum(rows[:i]) for i in range(len(rows))]
+        for (name, mod), a, r in zip(group, starts, rows, strict=True):
+            part = SolverResult(
+                res.weight[a : a + r],
+                res.mask[a : a + r],
+                float(res.row_loss[a : a + r].sum()) if res.row_loss is not None else res.loss,
+                res.damp,
+            )
+            _apply(name, mod, part, st, cfg, prefix, report, seconds)
+        return
+    for name, mod in group:
+        t0 = time.perf_counter()
+        res = method.solve(get_weight(mod).to(cfg.device), st, cfg.prune, f"{prefix}.{name}", None)
+        _apply(name, mod, res, st, cfg, prefix, report, time.perf_counter() - t0)
+
+
+def _apply(name, mod, res: SolverResult, st, cfg: EngineConfig, prefix, report, seconds) -> None:
+    """Write a solver's weight into the Linear and record what it achieved."""
+    full = f"{prefix}.{name}"
+    set_weight(mod, res.weight)
+    W_new = get_weight(mod)
+    report.layers.append(
+        LayerRecord(
             name=full,
-            shape=tuple(W.shape),
+            shape=tuple(W_new.shape),
             sparsity=float((W_new == 0).float().mean()),
             loss=res.loss,
-            seconds=time.perf_counter() - t0,
+            seconds=seconds,
             damp=res.damp,
             tokens=st.n if st is not None else 0,
         )
-        report.layers.append(record)
-        if cfg.keep_masks:
-            report.masks[full] = (pack_mask(res.mask), tuple(res.mask.shape))
+    )
+    if cfg.keep_masks:
+        report.masks[full] = (pack_mask(res.mask), tuple(res.mask.shape))
 
 
 def check_patterns(model: nn.Module, cfg: PruneConfig) -> None:
@@ -347,10 +381,14 @@ def _compress(model: nn.Module, input_ids: torch.Tensor | None, cfg: EngineConfi
     report.seconds["capture"] = time.perf_counter() - t_start
     out = torch.empty_like(inputs.hidden)
     t_stats = t_solve = t_forward = 0.0
+    structure: dict[type, list[list[str]]] = {}  # blocks of one class share their grouping
     for b, block in enumerate(tqdm(blocks, desc=cfg.method, disable=not cfg.progress)):
         home = next(block.parameters()).device
         block.to(cfg.device)
-        groups = _probe_groups(block, inputs, cfg.batch_size, cfg.device)
+        if type(block) not in structure:
+            probed = _probe_groups(block, inputs, cfg.batch_size, cfg.device)
+            structure[type(block)] = [[name for name, _ in g] for g in probed]
+        groups = [[(name, block.get_submodule(name)) for name in g] for g in structure[type(block)]]
         phases = [[g] for g in groups] if cfg.true_sequential else [groups]
         for phase in phases:
             t0 = time.perf_counter()

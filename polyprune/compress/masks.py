@@ -21,6 +21,7 @@ __all__ = [
     "pack_mask",
     "row_prune_count",
     "row_topk_mask",
+    "smallest_k_mask",
     "unpack_mask",
 ]
 
@@ -72,23 +73,30 @@ def row_prune_count(cols: int, sparsity: float) -> int:
     return math.floor(cols * sparsity + 1e-9)
 
 
+def smallest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the ``k`` lowest scores along the last dimension, ties going to the lower index:
+    exactly the first k of a stable sort, found with a k-th value selection (no full sort)."""
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if k >= score.shape[-1]:
+        return torch.ones_like(score, dtype=torch.bool)
+    kth = torch.kthvalue(score, k, dim=-1, keepdim=True).values
+    below = score < kth
+    tied = score == kth
+    # Of the entries equal to the k-th value, keep the lowest-index ones still needed.
+    need = k - below.sum(-1, keepdim=True)
+    return below | (tied & (tied.cumsum(-1) <= need))
+
+
 def row_topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the ``k`` lowest scores in each row (ties: lower column first). (R, C) -> bool."""
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if k > 0:
-        idx = torch.sort(score, dim=1, stable=True)[1][:, :k]
-        mask.scatter_(1, idx, True)
-    return mask
+    return smallest_k_mask(score, k)
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Mask of the ``n`` lowest scores in every group of ``m`` consecutive columns."""
     rows, cols = score.shape
-    groups = score.reshape(rows, cols // m, m)
-    idx = torch.sort(groups, dim=2, stable=True)[1][:, :, :n]
-    mask = torch.zeros_like(groups, dtype=torch.bool)
-    mask.scatter_(2, idx, True)
-    return mask.reshape(rows, cols)
+    return smallest_k_mask(score.reshape(rows, cols // m, m), n).reshape(rows, cols)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

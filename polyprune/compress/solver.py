@@ -61,3 +61,4 @@ class SolverResult:
     mask: torch.Tensor  # bool, True = pruned
     loss: float
     damp: float | None = None  # the damping that made H invertible (SparseGPT, GPTQ)
+    row_loss: torch.Tensor | None = None  # (rows,) loss per output row, where the solver has it

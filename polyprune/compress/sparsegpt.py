@@ -7,9 +7,14 @@ column is pruned and its error (w - q) / [H^-1]_jj is spread over the not yet pr
 through the upper Cholesky factor of H^-1 (the OBS update, Algorithm 1); the block's
 accumulated error is applied to the later blocks in one matrix product (lazy batch update).
 
+Rows are independent given H, so Linears that read the same input (q/k/v; gate/up) are solved
+in one call with their weights stacked: one factorisation and one column loop instead of
+three. ``segments`` keeps the unstructured mask selection per Linear, so the result equals
+separate calls.
+
 One deliberate deviation: the reference selects ``tmp <= sorted(tmp)[k]``, which prunes k + 1
-weights per block (more with ties); we prune exactly k = floor(numel * sparsity) per block, so
-the achieved sparsity is the one asked for.
+weights per block (more with ties); we prune exactly k = floor(numel * sparsity) per block and
+Linear, so the achieved sparsity is the one asked for.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 
 import torch
 
-from polyprune.compress.masks import row_prune_count
+from polyprune.compress.masks import row_prune_count, smallest_k_mask
 from polyprune.compress.solver import PruneConfig, SolverResult
 
 __all__ = ["dead_columns", "inverse_hessian_cholesky", "sparsegpt_prune"]
@@ -52,7 +57,7 @@ def inverse_hessian_cholesky(
     mean_diag = torch.mean(torch.diagonal(H)).item()
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     damp_frac = percdamp
-    for attempt in range(_DAMP_RETRIES):
+    for _ in range(_DAMP_RETRIES):
         damp = damp_frac * mean_diag
         L, info = torch.linalg.cholesky_ex(H + damp * eye)
         if info == 0:
@@ -68,7 +73,6 @@ def inverse_hessian_cholesky(
             damp_frac * 10,
         )
         damp_frac *= 10
-        del attempt
     raise RuntimeError(
         f"H of {name or 'a layer'} is not invertible even with damping {damp_frac / 10:g} x mean "
         "diag; calibrate on more tokens"
@@ -76,56 +80,68 @@ def inverse_hessian_cholesky(
 
 
 def sparsegpt_prune(
-    W: torch.Tensor, H: torch.Tensor, cfg: PruneConfig, name: str = ""
+    W: torch.Tensor,
+    H: torch.Tensor,
+    cfg: PruneConfig,
+    name: str = "",
+    segments: list[int] | None = None,
 ) -> SolverResult:
-    """Prune W (rows, cols) given H (cols, cols) = 2/n sum x x^T. Returns W' in W's dtype."""
+    """Prune W (rows, cols) given H (cols, cols) = 2/n sum x x^T. Returns W' in W's dtype.
+
+    ``segments``: row counts of stacked Linears (default: one); unstructured masks are chosen
+    per segment and block, exactly as for separate calls.
+    """
     dtype = W.dtype
     rows, cols = W.shape
+    segments = segments or [rows]
+    bounds = [sum(segments[:i]) for i in range(len(segments) + 1)]
     H, W = dead_columns(H.float(), W.float())
     Hinv, damp = inverse_hessian_cholesky(H, cfg.percdamp, name)
     n, m = cfg.pattern.n, cfg.pattern.m
     mask = torch.zeros_like(W, dtype=torch.bool)
     losses = torch.zeros(rows, device=W.device)
 
+    # Within a block, columns are updated in sub-blocks of ``sub`` and the sub-block's error is
+    # applied to the rest of the block in one product: the same lazy batching the block level
+    # uses (exact in arithmetic), with per-column updates touching <= sub columns. Work is done
+    # transposed, (columns, rows), so each column is a contiguous row. Measured on 2 CPU cores,
+    # 8 Llama blocks (hidden 512): the solve went from 4.8 s to well under half.
+    sub = m * max(1, 32 // m) if m else 32
     for i1 in range(0, cols, cfg.blocksize):
         i2 = min(i1 + cfg.blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Losses1 = torch.zeros_like(W1)
+        W1T = W[:, i1:i2].t().contiguous()  # (count, rows)
+        ErrT = torch.zeros_like(W1T)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diagonal(Hinv1)
 
+        mask1 = torch.zeros((rows, count), dtype=torch.bool, device=W.device)
         if m == 0:
-            # Adaptive mask for the whole block from the weights as updated so far.
-            score = (W1**2 / d1.reshape(1, -1) ** 2).flatten()
-            k = row_prune_count(score.numel(), cfg.sparsity)
-            mask1 = torch.zeros(score.numel(), dtype=torch.bool, device=W.device)
-            if k:
-                mask1[torch.sort(score, stable=True)[1][:k]] = True
-            mask1 = mask1.reshape(rows, count)
-        else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            # Adaptive mask for the whole block, per Linear, from the weights updated so far.
+            score = (W1T**2 / d1.reshape(-1, 1) ** 2).t()  # (rows, count)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                k = row_prune_count((b - a) * count, cfg.sparsity)
+                seg = smallest_k_mask(score[a:b].reshape(1, -1), k)
+                mask1[a:b] = seg.reshape(b - a, count)
+        # err_i = (w_i - q_i) / d_i = w_i * coef_i with coef = mask / d: pruned -> w / d, kept -> 0
+        coefT = mask1.t().to(W.dtype) / d1.reshape(-1, 1)
 
-        for i in range(count):
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if m and i % m == 0:
-                score = W1[:, i : i + m] ** 2 / d1[i : i + m].reshape(1, -1) ** 2
-                idx = torch.sort(score, dim=1, stable=True)[1][:, :n]
-                mask1.scatter_(1, i + idx, True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d**2
-            err1 = (w - q) / d  # (rows,)
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
+        for j1 in range(0, count, sub):
+            j2 = min(j1 + sub, count)
+            for i in range(j1, j2):
+                if m and i % m == 0:
+                    score = (W1T[i : i + m] ** 2 / d1[i : i + m].reshape(-1, 1) ** 2).t()
+                    mask1[:, i : i + m] = smallest_k_mask(score, n)
+                    coefT[i : i + m] = mask1[:, i : i + m].t() / d1[i : i + m].reshape(-1, 1)
+                torch.mul(W1T[i], coefT[i], out=ErrT[i])
+                W1T[i:j2].addr_(Hinv1[i, i:j2], ErrT[i], alpha=-1)
+            if j2 < count:
+                W1T[j2:].addmm_(Hinv1[j1:j2, j2:].t(), ErrT[j1:j2], alpha=-1)
 
-        W[:, i1:i2] = Q1
+        # After its own update column i holds q (w - err * d): exact zeros are set explicitly.
+        W[:, i1:i2] = W1T.t().masked_fill(mask1, 0)
         mask[:, i1:i2] = mask1
-        losses += torch.sum(Losses1, 1) / 2
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+        losses += (ErrT**2).sum(0) / 2  # (w - q)^2 / d^2, summed over the block
+        W[:, i2:] -= ErrT.t().matmul(Hinv[i1:i2, i2:])
 
-    return SolverResult(W.to(dtype), mask, float(losses.sum()), damp)
+    return SolverResult(W.to(dtype), mask, float(losses.sum()), damp, row_loss=losses)

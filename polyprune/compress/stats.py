@@ -1,6 +1,7 @@
 """Per-Linear input statistics, as running means over calibration tokens.
 
-* Hessian (SparseGPT, GPTQ): ``H = (2 / n) sum_t x_t x_t^T`` over the n tokens seen so far.
+* Hessian (SparseGPT, GPTQ): ``H = (2 / n) sum_t x_t x_t^T`` over the n tokens seen so far
+  (upper triangle accumulated, see ``polyprune.kernels.hessian``).
 * Squared column norms (Wanda): ``s_j = (1 / n) sum_t x_{t,j}^2``. Wanda's ``||X_j||_2`` is
   ``sqrt(n s_j)``; the constant factor ``sqrt(n)`` does not change a per-row ranking.
 
@@ -15,17 +16,11 @@ from typing import Literal
 
 import torch
 
-__all__ = ["InputStats", "StatKind", "accumulate_colsq", "accumulate_hessian"]
+from polyprune.kernels.hessian import hessian_update_upper, symmetrize
+
+__all__ = ["InputStats", "StatKind", "accumulate_colsq"]
 
 StatKind = Literal["hessian", "colsq"]
-
-
-def accumulate_hessian(H: torch.Tensor, n: int, X: torch.Tensor) -> None:
-    """In place: H <- H * n/(n+b) + (2/(n+b)) X^T X for X (b, d); H (d, d) fp32."""
-    b = X.shape[0]
-    X = X.to(torch.float32)
-    H.mul_(n / (n + b))
-    H.addmm_(X.t(), X, alpha=2.0 / (n + b))
 
 
 def accumulate_colsq(s: torch.Tensor, n: int, X: torch.Tensor) -> None:
@@ -44,12 +39,12 @@ class InputStats:
     dim: int
     device: torch.device | str = "cpu"
     n: int = 0
-    H: torch.Tensor | None = field(default=None, repr=False)
+    H_upper: torch.Tensor | None = field(default=None, repr=False)  # valid upper triangle
     colsq: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind == "hessian":
-            self.H = torch.zeros(self.dim, self.dim, dtype=torch.float32, device=self.device)
+            self.H_upper = torch.zeros(self.dim, self.dim, dtype=torch.float32, device=self.device)
         else:
             self.colsq = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
 
@@ -58,11 +53,16 @@ class InputStats:
         if X.device != torch.device(self.device):
             X = X.to(self.device)
         if self.kind == "hessian":
-            accumulate_hessian(self.H, self.n, X)
+            hessian_update_upper(self.H_upper, self.n, X)
         else:
             accumulate_colsq(self.colsq, self.n, X)
         self.n += X.shape[0]
 
+    @property
+    def H(self) -> torch.Tensor:
+        """The Hessian (d, d), symmetric."""
+        return symmetrize(self.H_upper)
+
     def column_sq_norms(self) -> torch.Tensor:
         """Wanda's statistic, also derivable from a Hessian: diag(H) / 2."""
-        return self.colsq if self.colsq is not None else torch.diagonal(self.H) / 2
+        return self.colsq if self.colsq is not None else torch.diagonal(self.H_upper) / 2
