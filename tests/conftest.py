@@ -56,28 +56,19 @@ def tiny_model(
 ):
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1)
+    decoder = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        **common,
+    )
     if family == "llama":
-        cfg = LlamaConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=128,
-            **common,
-        )
-        return LlamaForCausalLM(cfg)
+        return LlamaForCausalLM(LlamaConfig(**decoder))
     if family == "qwen2":
-        cfg = Qwen2Config(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            **common,
-        )
-        return Qwen2ForCausalLM(cfg)
+        return Qwen2ForCausalLM(Qwen2Config(**decoder))
     if family == "opt":
         cfg = OPTConfig(
             hidden_size=hidden,
