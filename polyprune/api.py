@@ -19,7 +19,13 @@ from polyprune.compress.solver import PruneConfig
 from polyprune.data.mix import SAMPLING_MODES, CalibrationMix, build_calibration_set
 from polyprune.data.sources import get_source
 from polyprune.errors import InputError
-from polyprune.models import load_model, max_positions
+from polyprune.models import (
+    load_config,
+    load_model,
+    load_tokenizer,
+    max_positions,
+    resolve_model_path,
+)
 
 __all__ = ["prune"]
 
@@ -94,18 +100,19 @@ def prune(
     if out is not None:
         check_output_dir(out, overwrite)
 
+    # Everything that can be wrong with the input is checked before the weights are loaded:
+    # config (max positions), tokenizer, then the calibration windows (too little text).
     timings: dict[str, float] = {}
-    source_dtype = None
-    model_name = getattr(model, "name_or_path", None)
-    if not isinstance(model, nn.Module):
-        t = time.perf_counter()
-        loaded = load_model(model, device=device, dtype=dtype)
-        model, model_name, source_dtype = loaded.model, loaded.path, loaded.source_dtype
-        tokenizer = tokenizer or loaded.tokenizer
-        timings["load"] = time.perf_counter() - t
+    path = None
+    if isinstance(model, nn.Module):
+        config = model.config
+        model_name = getattr(config, "name_or_path", None) or type(model).__name__
     else:
-        model_name = getattr(getattr(model, "config", None), "name_or_path", None) or model_name
-    limit = max_positions(model.config)
+        path = resolve_model_path(model)
+        config, model_name = load_config(path), path
+        if tokenizer is None:
+            tokenizer = load_tokenizer(path)
+    limit = max_positions(config)
     if needs_data and limit is not None and seqlen > limit:
         raise InputError(f"seqlen {seqlen} is above the model's maximum positions ({limit})")
 
@@ -125,6 +132,13 @@ def prune(
             sampling,
             calib_set.fingerprint,
         )
+
+    source_dtype = None
+    if path is not None:
+        t = time.perf_counter()
+        loaded = load_model(path, device=device, dtype=dtype, tokenizer=False)
+        model, source_dtype = loaded.model, loaded.source_dtype
+        timings["load"] = time.perf_counter() - t
 
     engine_cfg = EngineConfig(
         method=method,

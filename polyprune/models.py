@@ -24,7 +24,9 @@ __all__ = [
     "get_weight",
     "is_linear",
     "linear_layers",
+    "load_config",
     "load_model",
+    "load_tokenizer",
     "max_positions",
     "resolve_model_path",
     "set_weight",
@@ -80,6 +82,28 @@ class LoadedModel:
     source_dtype: torch.dtype  # the checkpoint's dtype, used again on export
 
 
+def load_config(spec: str | os.PathLike):
+    """The model's config only (no weights): cheap, for checking settings before any work."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(spec)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"could not load model {path!r}: {str(e).splitlines()[0]}") from e
+
+
+def load_tokenizer(spec: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(spec)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"could not load the tokenizer of {path!r}: {msg}") from e
+
+
 def load_model(
     spec: str | os.PathLike,
     device: str = "cpu",
@@ -87,25 +111,18 @@ def load_model(
     tokenizer: bool = True,
 ) -> LoadedModel:
     """Load model (and tokenizer) on CPU; the engine moves one block at a time to ``device``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(spec)
+    config = load_config(path)
+    src = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    source_dtype = src if isinstance(src, torch.dtype) else getattr(torch, str(src), None)
     try:
-        config = AutoConfig.from_pretrained(path)
-        src = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        source_dtype = src if isinstance(src, torch.dtype) else getattr(torch, str(src), None)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype, device))
-    except InputError:
-        raise
     except (OSError, ValueError) as e:
         raise InputError(f"could not load model {path!r}: {str(e).splitlines()[0]}") from e
     model.eval()
-    tok = None
-    if tokenizer:
-        try:
-            tok = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise InputError(f"could not load the tokenizer of {path!r}: {e}") from e
+    tok = load_tokenizer(path) if tokenizer else None
     if not isinstance(source_dtype, torch.dtype):
         source_dtype = next(model.parameters()).dtype
     return LoadedModel(model, tok, path, source_dtype)

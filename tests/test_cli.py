@@ -206,3 +206,21 @@ def test_python_api_prunes_a_model_object(tokenizer):
     assert manifest["calibration"]["counts"] == {"ru": 2, "zh": 2}
     assert manifest["achieved_sparsity"] == pytest.approx(0.3, abs=0.01)
     assert manifest["settings"]["offload"] == "cpu"
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"seqlen": 4096}, "maximum positions"), ({"nsamples": 5000, "seqlen": 128}, "too little")],
+)
+def test_input_errors_come_before_the_weights_are_loaded(
+    tiny_model_dir, monkeypatch, kwargs, match
+):
+    import polyprune.api
+    from polyprune.errors import InputError
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded before the input was checked")
+
+    monkeypatch.setattr(polyprune.api, "load_model", no_weights)
+    with pytest.raises(InputError, match=match):
+        polyprune.api.prune(tiny_model_dir("llama"), method="wanda", calib="de", **kwargs)
