@@ -1,4 +1,8 @@
-"""The Python API: ``polyprune.prune`` from a notebook or a script."""
+"""The Python API: ``polyprune.prune`` and ``polyprune.quantize`` from a notebook or a script.
+
+Both are thin wrappers over :func:`compress`, which checks every input before any work, builds
+the calibration windows, runs the engine, and writes the output.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +16,25 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from polyprune.compress.engine import METHODS, EngineConfig, compress_model
-from polyprune.compress.export import check_output_dir, save_compressed
+from polyprune.compress.engine import (
+    METHODS,
+    QUANT_METHODS,
+    EngineConfig,
+    check_widths,
+    compress_model,
+)
+from polyprune.compress.export import FORMATS, check_output_dir, save_compressed
+from polyprune.compress.gptq_format import check_packable
 from polyprune.compress.masks import Pattern
+from polyprune.compress.quant import QuantConfig
 from polyprune.compress.solver import PruneConfig
 from polyprune.data.mix import SAMPLING_MODES, CalibrationMix, build_calibration_set
 from polyprune.data.sources import get_source
 from polyprune.errors import InputError
 from polyprune.models import (
+    find_blocks,
+    get_weight,
+    linear_layers,
     load_config,
     load_model,
     load_tokenizer,
@@ -27,7 +42,7 @@ from polyprune.models import (
     resolve_model_path,
 )
 
-__all__ = ["prune"]
+__all__ = ["compress", "prune", "quantize"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +54,82 @@ def _version() -> str:
 
 
 def prune(
-    model: str | os.PathLike | nn.Module,
+    model,
     method: str = "sparsegpt",
     sparsity: float | None = None,
     pattern: str = "unstructured",
+    bits: int | None = None,
+    group_size: int = 128,
+    sym: bool = True,
+    format: str = "dense",
+    **kw,
+) -> tuple[nn.Module, dict]:
+    """Prune ``model`` (hub id, directory, ``demo``, or a loaded HF model) with calibration mix
+    ``calib``; with ``bits`` (SparseGPT only) also quantise in the same pass. Returns the
+    pruned model and its manifest; writes ``out`` if given. See :func:`compress` for the rest.
+    """
+    if method not in ("magnitude", "wanda", "sparsegpt"):
+        raise InputError(f"unknown method {method!r}; allowed: magnitude, wanda, sparsegpt")
+    pat = Pattern.parse(pattern)
+    if sparsity is None:  # N:M implies its sparsity; unstructured defaults to 50%
+        sparsity = pat.sparsity if pat.structured else 0.5
+    prune_cfg = PruneConfig(
+        sparsity, pat, blocksize=kw.pop("blocksize", 128), percdamp=kw.pop("percdamp", 0.01)
+    )
+    quant = None
+    if bits is not None:
+        quant = QuantConfig(bits, group_size, sym, blocksize=prune_cfg.blocksize,
+                            percdamp=prune_cfg.percdamp)  # fmt: skip
+    return compress(model, method, prune_cfg=prune_cfg, quant=quant, format=format, **kw)
+
+
+def quantize(
+    model,
+    method: str = "gptq",
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = True,
+    act_order: bool = False,
+    static_groups: bool = False,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    format: str = "gptq",
+    **kw,
+) -> tuple[nn.Module, dict]:
+    """Quantise ``model`` with GPTQ (calibrated on ``calib``) or round-to-nearest. The model
+    returned holds the dequantised weights; ``out`` gets the packed GPTQ checkpoint
+    (``format="gptq"``) or an ordinary HF checkpoint of the dequantised weights (``"dense"``).
+    """
+    if method not in QUANT_METHODS:
+        raise InputError(f"unknown method {method!r}; allowed: {', '.join(QUANT_METHODS)}")
+    quant = QuantConfig(bits, group_size, sym, act_order, static_groups, blocksize, percdamp)
+    return compress(model, method, quant=quant, format=format, **kw)
+
+
+def _skeleton(config) -> nn.Module:
+    """The model's modules on the meta device: shapes without weights, in milliseconds."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _check_widths(model: nn.Module, cfg: EngineConfig, format: str) -> None:
+    """N:M patterns, quantisation groups and GPTQ packing against every Linear's widths."""
+    check_widths(model, cfg)
+    if format == "gptq":
+        prefix, blocks = find_blocks(model)
+        for b, block in enumerate(blocks):
+            for name, mod in linear_layers(block).items():
+                N, K = get_weight(mod).shape
+                check_packable(K, N, cfg.quant.bits, f"{prefix}.{b}.{name}")
+
+
+def compress(
+    model: str | os.PathLike | nn.Module,
+    method: str,
+    prune_cfg: PruneConfig | None = None,
+    quant: QuantConfig | None = None,
     calib: str | CalibrationMix | None = "en",
     source: str = "bundled",
     nsamples: int = 128,
@@ -54,39 +141,34 @@ def prune(
     batch_size: int = 8,
     offload: str = "none",
     true_sequential: bool = False,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
     tokenizer=None,
     out: str | os.PathLike | None = None,
+    format: str = "dense",
     save_masks: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     command: str | None = None,
 ) -> tuple[nn.Module, dict]:
-    """Prune ``model`` (hub id, directory, ``demo``, or a loaded HF model) with calibration
-    mix ``calib``. Returns the pruned model and its manifest; writes ``out`` if given.
-
-    Every argument is checked before any work: an impossible setting fails in milliseconds,
-    not after an hour of calibration.
-    """
+    """Compress ``model`` in place with ``method``; every input is checked before any work:
+    an impossible setting fails in milliseconds, not after an hour of calibration."""
     t0 = time.perf_counter()
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-    pat = Pattern.parse(pattern)
-    if sparsity is None:  # N:M implies its sparsity; unstructured defaults to 50%
-        sparsity = pat.sparsity if pat.structured else 0.5
-    cfg = PruneConfig(
-        sparsity=sparsity,
-        pattern=pat,
-        blocksize=blocksize,
-        percdamp=percdamp,
-    )
+    if format not in FORMATS:
+        raise InputError(f"unknown format {format!r}; allowed: {', '.join(FORMATS)}")
+    if format == "gptq" and quant is None:
+        raise InputError("--format gptq needs quantised weights (--bits with sparsegpt)")
     if sampling not in SAMPLING_MODES:
         raise InputError(
             f"unknown sampling mode {sampling!r}; allowed: {', '.join(SAMPLING_MODES)}"
         )
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"device {device!r} asked for, but torch sees no CUDA device")
+    prune_cfg = prune_cfg or PruneConfig()
+    engine_cfg = EngineConfig(
+        method=method, prune=prune_cfg, device=device, batch_size=batch_size, offload=offload,
+        true_sequential=true_sequential, keep_masks=save_masks, progress=progress, quant=quant,
+    )  # fmt: skip
     needs_data = METHODS[method].stat is not None
     mix = None
     if needs_data:
@@ -100,8 +182,8 @@ def prune(
     if out is not None:
         check_output_dir(out, overwrite)
 
-    # Everything that can be wrong with the input is checked before the weights are loaded:
-    # config (max positions), tokenizer, then the calibration windows (too little text).
+    # Config (max positions), tokenizer, then the calibration windows (too little text): all
+    # before the weights are loaded.
     timings: dict[str, float] = {}
     path = None
     if isinstance(model, nn.Module):
@@ -115,6 +197,7 @@ def prune(
     limit = max_positions(config)
     if needs_data and limit is not None and seqlen > limit:
         raise InputError(f"seqlen {seqlen} is above the model's maximum positions ({limit})")
+    _check_widths(model if path is None else _skeleton(config), engine_cfg, format)
 
     calib_set = None
     if needs_data:
@@ -125,13 +208,9 @@ def prune(
         timings["calibration_data"] = time.perf_counter() - t
         logger.info(
             "calibration: %s (%s), %d x %d tokens, %s sampling, fingerprint %s",
-            calib_set.mix,
-            ", ".join(f"{k} {v}" for k, v in calib_set.counts.items()),
-            calib_set.nsamples,
-            seqlen,
-            sampling,
-            calib_set.fingerprint,
-        )
+            calib_set.mix, ", ".join(f"{k} {v}" for k, v in calib_set.counts.items()),
+            calib_set.nsamples, seqlen, sampling, calib_set.fingerprint,
+        )  # fmt: skip
 
     source_dtype = None
     if path is not None:
@@ -139,37 +218,30 @@ def prune(
         loaded = load_model(path, device=device, dtype=dtype, tokenizer=False)
         model, source_dtype = loaded.model, loaded.source_dtype
         timings["load"] = time.perf_counter() - t
-
-    engine_cfg = EngineConfig(
-        method=method,
-        prune=cfg,
-        device=device,
-        batch_size=batch_size,
-        offload=offload,
-        true_sequential=true_sequential,
-        keep_masks=save_masks,
-        progress=progress,
-    )
     report = compress_model(model, calib_set.input_ids if calib_set else None, engine_cfg)
     timings.update({f"engine_{k}": v for k, v in report.seconds.items()})
 
+    settings = {
+        "true_sequential": true_sequential,
+        "batch_size": batch_size,
+        "device": device,
+        "offload": offload,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    if method not in QUANT_METHODS:
+        settings.update(sparsity=prune_cfg.sparsity, pattern=str(prune_cfg.pattern))
+    if method == "sparsegpt" or method == "gptq":
+        settings.update(blocksize=(quant or prune_cfg).blocksize,
+                        percdamp=(quant or prune_cfg).percdamp)  # fmt: skip
     manifest = {
         "tool": "polyprune",
         "version": _version(),
-        "command": command or "polyprune.prune()",
+        "command": command or f"polyprune.{'quantize' if method in QUANT_METHODS else 'prune'}()",
         "model": str(model_name),
-        "kind": "prune",
+        "kind": "quantize" if method in QUANT_METHODS else "prune",
         "method": method,
-        "settings": {
-            "sparsity": cfg.sparsity,
-            "pattern": str(cfg.pattern),
-            "true_sequential": true_sequential,
-            "batch_size": batch_size,
-            "device": device,
-            "offload": offload,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            **({"blocksize": blocksize, "percdamp": percdamp} if method == "sparsegpt" else {}),
-        },
+        "settings": settings,
+        "quantization": None,
         "calibration": calib_set.manifest() if calib_set else None,
         "achieved_sparsity": report.overall_sparsity(),
         "layers": {
@@ -182,17 +254,22 @@ def prune(
             "platform": platform.platform(),
         },
     }
+    if quant is not None:
+        manifest["quantization"] = {
+            "bits": quant.bits,
+            "group_size": quant.group_size,
+            "sym": quant.sym,
+            "act_order": quant.act_order,
+            "static_groups": quant.static_groups,
+            "format": format,
+        }
     if out is not None:
         t = time.perf_counter()
         save_compressed(
-            model,
-            tokenizer,
-            out,
-            manifest,
-            masks=report.masks if save_masks else None,
-            overwrite=overwrite,
-            dtype=source_dtype,
-        )
+            model, tokenizer, out, manifest, masks=report.masks if save_masks else None,
+            overwrite=overwrite, dtype=source_dtype, format=format, quant=report.quant,
+            quant_cfg=quant,
+        )  # fmt: skip
         manifest["seconds"]["export"] = time.perf_counter() - t
     manifest["seconds"]["total"] = time.perf_counter() - t0
     return model, manifest

@@ -61,6 +61,42 @@ def _add_verbosity(p: argparse.ArgumentParser, default) -> None:
     )
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), float32, float16, bfloat16")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument(
+        "--offload",
+        choices=["none", "cpu"],
+        default="none",
+        help="cpu: keep calibration activations in host memory (GPU runs)",
+    )
+    p.add_argument(
+        "--true-sequential",
+        action="store_true",
+        help="solve q/k/v -> o -> gate/up -> down in turn, each on the outputs of the "
+        "groups already compressed",
+    )
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT / GPTQ column block")
+    p.add_argument("--percdamp", type=float, default=0.01, help="damping, x mean(diag H)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def _add_grid_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        help="input columns sharing one grid; -1: one per output channel",
+    )
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument(
+        "--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)"
+    )
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="polyprune", description=__doc__.splitlines()[0])
     _add_verbosity(ap, False)
@@ -80,26 +116,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8, ...")
     _add_calibration_args(p, calib_required=False)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), float32, float16, bfloat16")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    _add_run_args(p)
     p.add_argument(
-        "--offload",
-        choices=["none", "cpu"],
-        default="none",
-        help="cpu: keep calibration activations in host memory (GPU runs)",
+        "--bits",
+        type=int,
+        default=None,
+        help="with sparsegpt: also quantise to 2, 3, 4 or 8 bits in the same pass",
     )
+    _add_grid_args(p)
     p.add_argument(
-        "--true-sequential",
-        action="store_true",
-        help="solve q/k/v -> o -> gate/up -> down in turn, each on the outputs of the "
-        "groups already compressed",
+        "--format",
+        choices=["dense", "gptq"],
+        default="dense",
+        help="dense: HF checkpoint; gptq: packed GPTQ checkpoint (needs --bits)",
     )
-    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
-    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT damping")
-    p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--save-masks", action="store_true", help="also write masks.safetensors")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    q = sub.add_parser("quantize", parents=[common], help="quantise a model (GPTQ or RTN)")
+    q.add_argument("--model", required=True, help="hub id, local HF directory, or demo")
+    q.add_argument("--method", required=True, choices=["gptq", "rtn"])
+    q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
+    _add_grid_args(q)
+    q.add_argument(
+        "--act-order",
+        action="store_true",
+        help="quantise columns by descending diag(H) (GPTQ's desc_act)",
+    )
+    q.add_argument(
+        "--static-groups",
+        action="store_true",
+        help="fix each group's grid before any update (with --act-order)",
+    )
+    _add_calibration_args(q, calib_required=False)
+    _add_run_args(q)
+    q.add_argument(
+        "--format",
+        choices=["gptq", "dense"],
+        default="gptq",
+        help="gptq: packed checkpoint for GPTQModel / vLLM / transformers; dense: "
+        "dequantised weights (fp32) in an ordinary HF checkpoint",
+    )
 
     d = sub.add_parser("data", parents=[common], help="inspect calibration text sources and mixes")
     dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
@@ -113,44 +169,61 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _common(args) -> dict:
+    """Arguments prune and quantize share: calibration, placement, output."""
+    keys = ("calib", "source", "nsamples", "seqlen", "seed", "sampling", "device", "dtype",
+            "batch_size", "offload", "true_sequential", "blocksize", "percdamp", "out",
+            "overwrite", "format", "bits", "group_size", "sym")  # fmt: skip
+    return {k: getattr(args, k) for k in keys} | {
+        "progress": not args.quiet,
+        "command": shlex.join(["polyprune", *args.argv]),
+    }
+
+
 def _cmd_prune(args) -> int:
     from polyprune.api import prune
 
     if args.method != "magnitude" and not args.calib:
         raise InputError(f"--method {args.method} needs --calib MIX (e.g. --calib de,en)")
     _, manifest = prune(
-        args.model,
-        method=args.method,
-        sparsity=args.sparsity,
-        pattern=args.pattern,
-        calib=args.calib,
-        source=args.source,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        sampling=args.sampling,
-        device=args.device,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        offload=args.offload,
-        true_sequential=args.true_sequential,
-        blocksize=args.blocksize,
-        percdamp=args.percdamp,
-        out=args.out,
-        save_masks=args.save_masks,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        command=shlex.join(["polyprune", *args.argv]),
-    )
+        args.model, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+        save_masks=args.save_masks, **_common(args),
+    )  # fmt: skip
+    _summary(manifest, args.out)
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from polyprune.api import quantize
+
+    if args.method == "gptq" and not args.calib:
+        raise InputError("--method gptq needs --calib MIX (e.g. --calib de,en)")
+    _, manifest = quantize(
+        args.model, method=args.method, act_order=args.act_order,
+        static_groups=args.static_groups, **_common(args),
+    )  # fmt: skip
+    _summary(manifest, args.out)
+    return 0
+
+
+def _summary(manifest: dict, out: str) -> None:
     cal = manifest["calibration"]
-    print(f"method      {manifest['method']} ({manifest['settings']['pattern']})")
+    q = manifest.get("quantization")
+    what = manifest["settings"].get("pattern", "")
+    if q:
+        what = f"{what + ', ' if what else ''}{q['bits']}-bit, group {q['group_size']}, "
+        what += f"{'sym' if q['sym'] else 'asym'}{', act-order' if q['act_order'] else ''}"
+    print(f"method      {manifest['method']} ({what})")
     if cal:
         counts = ", ".join(f"{k} {v}" for k, v in cal["counts"].items())
         print(f"calibration {cal['mix']}: {counts} windows x {cal['seqlen']} tokens")
-    print(f"sparsity    {manifest['achieved_sparsity']:.4f} of {len(manifest['layers'])} Linears")
+    label = "zeros" if manifest["kind"] == "quantize" else "sparsity"
+    print(f"{label:<12}{manifest['achieved_sparsity']:.4f} of {len(manifest['layers'])} Linears")
+    if q:
+        fmt = q["format"] + (f" ({q['checkpoint_format']})" if "checkpoint_format" in q else "")
+        print(f"format      {fmt}")
     print(f"time        {manifest['seconds']['total']:.1f} s")
-    print(f"written to  {args.out}")
-    return 0
+    print(f"written to  {out}")
 
 
 def _cmd_data(args) -> int:
@@ -214,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "prune":
             return _cmd_prune(args)
+        if args.command == "quantize":
+            return _cmd_quantize(args)
         if args.command == "data":
             return _cmd_data(args)
     except InputError as e:

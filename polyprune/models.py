@@ -117,8 +117,12 @@ def load_model(
     config = load_config(path)
     src = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     source_dtype = src if isinstance(src, torch.dtype) else getattr(torch, str(src), None)
+    qc = getattr(config, "quantization_config", None)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype, device))
+        if isinstance(qc, dict) and qc.get("quant_method") == "gptq":
+            model = _load_gptq_dense(path, config, _dtype(dtype, device))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype, device))
     except (OSError, ValueError) as e:
         raise InputError(f"could not load model {path!r}: {str(e).splitlines()[0]}") from e
     model.eval()
@@ -126,6 +130,33 @@ def load_model(
     if not isinstance(source_dtype, torch.dtype):
         source_dtype = next(model.parameters()).dtype
     return LoadedModel(model, tok, path, source_dtype)
+
+
+def _load_gptq_dense(path: str, config, dtype) -> nn.Module:
+    """A packed GPTQ checkpoint as an ordinary model with dequantised weights, on CPU: no GPU
+    kernel is needed to evaluate or analyse it."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from polyprune.compress.gptq_format import load_gptq_state
+
+    raw = json.loads((Path(path) / "config.json").read_text())
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config).float()  # exact dequantised values
+    state = load_gptq_state(Path(path), raw)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and "lm_head" in k}
+    if set(missing) - tied or unexpected:
+        raise InputError(
+            f"GPTQ checkpoint {path!r} does not fit its config: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    if tied:
+        model.tie_weights()
+    model = model.to(torch.float16 if dtype == "auto" else dtype).eval()
+    model.config.quantization_config_source = raw["quantization_config"]
+    return model
 
 
 def max_positions(config) -> int | None:

@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--intermediate", type=int, default=688)
+    ap.add_argument("--intermediate", type=int, default=768)  # 6 x 128: GPTQ groups of 128
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)

@@ -29,8 +29,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from polyprune.compress.gptq import gptq_quantize, rtn
 from polyprune.compress.magnitude import magnitude_prune
 from polyprune.compress.masks import pack_mask
+from polyprune.compress.quant import QuantConfig, QuantTensors
 from polyprune.compress.solver import PruneConfig, SolverResult
 from polyprune.compress.sparsegpt import sparsegpt_prune
 from polyprune.compress.stats import InputStats, StatKind
@@ -40,6 +42,8 @@ from polyprune.models import find_blocks, get_weight, linear_layers, set_weight
 
 __all__ = [
     "METHODS",
+    "QUANT_METHODS",
+    "check_widths",
     "EngineConfig",
     "EngineReport",
     "LayerRecord",
@@ -67,17 +71,29 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "magnitude": Method("magnitude", None, lambda W, s, cfg, name, seg: magnitude_prune(W, cfg)),
+    "magnitude": Method(
+        "magnitude", None, lambda W, s, cfg, name, seg: magnitude_prune(W, cfg.prune)
+    ),
     "wanda": Method(
-        "wanda", "colsq", lambda W, s, cfg, name, seg: wanda_prune(W, s.column_sq_norms(), cfg)
+        "wanda",
+        "colsq",
+        lambda W, s, cfg, name, seg: wanda_prune(W, s.column_sq_norms(), cfg.prune),
     ),
     "sparsegpt": Method(
         "sparsegpt",
         "hessian",
-        lambda W, s, cfg, name, seg: sparsegpt_prune(W, s.H, cfg, name, segments=seg),
+        lambda W, s, cfg, name, seg: sparsegpt_prune(W, s.H, cfg.prune, name, seg, cfg.quant),
         stacked=True,
     ),
+    "gptq": Method(
+        "gptq",
+        "hessian",
+        lambda W, s, cfg, name, seg: gptq_quantize(W, s.H, cfg.quant, name),
+        stacked=True,
+    ),  # fmt: skip
+    "rtn": Method("rtn", None, lambda W, s, cfg, name, seg: rtn(W, cfg.quant)),
 }
+QUANT_METHODS = ("gptq", "rtn")
 
 
 @dataclass(frozen=True)
@@ -90,8 +106,15 @@ class EngineConfig:
     keep_masks: bool = False
     progress: bool = True
     offload: str = "none"  # "cpu": calibration activations in host memory, moved per batch
+    quant: QuantConfig | None = None  # gptq / rtn, or joint sparsegpt + quantisation
 
     def __post_init__(self) -> None:
+        if self.method in QUANT_METHODS and self.quant is None:
+            raise InputError(f"method {self.method} needs a quantisation config (bits)")
+        if self.quant is not None and self.method not in (*QUANT_METHODS, "sparsegpt"):
+            raise InputError(
+                f"--bits works with sparsegpt (joint), gptq or rtn, not with {self.method}"
+            )
         if self.offload not in ("none", "cpu"):
             raise InputError(f"unknown offload {self.offload!r}; allowed: none, cpu")
         if self.method not in METHODS:
@@ -116,6 +139,7 @@ class EngineReport:
     layers: list[LayerRecord] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     masks: dict[str, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)
+    quant: dict[str, QuantTensors] = field(default_factory=dict)  # grids of quantised Linears
 
     def overall_sparsity(self) -> float:
         total = sum(r.shape[0] * r.shape[1] for r in self.layers)
@@ -299,21 +323,27 @@ def _solve_group(
         rows = [W.shape[0] for W in Ws]
         names = "+".join(f"{prefix}.{name}" for name, _ in group)
         W = torch.cat([W.to(cfg.device) for W in Ws])
-        res = method.solve(W, st, cfg.prune, names, rows)
+        res = method.solve(W, st, cfg, names, rows)
         seconds = (time.perf_counter() - t0) / len(group)
         starts = [sum(rows[:i]) for i in range(len(rows))]
         for (name, mod), a, r in zip(group, starts, rows, strict=True):
+            qt = res.quant
+            if qt is not None:  # grids are per output row: each Linear takes its rows
+                qt = QuantTensors(
+                    qt.scales[:, a : a + r], qt.zeros[:, a : a + r], qt.g_idx, qt.bits
+                )
             part = SolverResult(
                 res.weight[a : a + r],
                 res.mask[a : a + r],
                 float(res.row_loss[a : a + r].sum()) if res.row_loss is not None else res.loss,
                 res.damp,
+                quant=qt,
             )
             _apply(name, mod, part, st, cfg, prefix, report, seconds)
         return
     for name, mod in group:
         t0 = time.perf_counter()
-        res = method.solve(get_weight(mod).to(cfg.device), st, cfg.prune, f"{prefix}.{name}", None)
+        res = method.solve(get_weight(mod).to(cfg.device), st, cfg, f"{prefix}.{name}", None)
         _apply(name, mod, res, st, cfg, prefix, report, time.perf_counter() - t0)
 
 
@@ -335,14 +365,22 @@ def _apply(name, mod, res: SolverResult, st, cfg: EngineConfig, prefix, report, 
     )
     if cfg.keep_masks:
         report.masks[full] = (pack_mask(res.mask), tuple(res.mask.shape))
+    if res.quant is not None:
+        q = res.quant
+        report.quant[full] = QuantTensors(q.scales.cpu(), q.zeros.cpu(), q.g_idx.cpu(), q.bits)
 
 
-def check_patterns(model: nn.Module, cfg: PruneConfig) -> None:
-    """Fail before any work if an N:M pattern cannot apply to some Linear."""
+def check_widths(model: nn.Module, cfg: EngineConfig) -> None:
+    """Fail before any work if an N:M pattern or a quantisation group cannot apply to some
+    Linear."""
     prefix, blocks = find_blocks(model)
     for b, block in enumerate(blocks):
         for name, mod in linear_layers(block).items():
-            cfg.pattern.check_width(get_weight(mod).shape[1], f"{prefix}.{b}.{name}")
+            cols = get_weight(mod).shape[1]
+            if cfg.method not in QUANT_METHODS:
+                cfg.prune.pattern.check_width(cols, f"{prefix}.{b}.{name}")
+            if cfg.quant is not None:
+                cfg.quant.check_width(cols, f"{prefix}.{b}.{name}")
 
 
 def compress_model(
@@ -362,7 +400,7 @@ def compress_model(
 def _compress(model: nn.Module, input_ids: torch.Tensor | None, cfg: EngineConfig) -> EngineReport:
     method = METHODS[cfg.method]
     prefix, blocks = find_blocks(model)
-    check_patterns(model, cfg.prune)
+    check_widths(model, cfg)
     report = EngineReport()
     t_start = time.perf_counter()
 

@@ -20,11 +20,12 @@ from safetensors.torch import load_file, save_file
 from polyprune.compress.masks import unpack_mask
 from polyprune.errors import InputError
 
-__all__ = ["check_output_dir", "load_masks", "save_compressed", "save_masks"]
+__all__ = ["FORMATS", "check_output_dir", "load_masks", "save_compressed", "save_masks"]
 
 logger = logging.getLogger(__name__)
 MANIFEST = "polyprune.json"
 MASKS = "masks.safetensors"
+FORMATS = ("dense", "gptq")
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -56,6 +57,45 @@ def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {name: unpack_mask(packed[name], tuple(shape)) for name, shape in shapes.items()}
 
 
+def save_gptq(model, path: Path, quant: dict, quant_cfg, version: str, dtype) -> str:
+    """The packed GPTQ checkpoint of ``model`` in ``path``: Linears with grids in ``quant`` as
+    qweight/qzeros/scales/g_idx, everything else in ``dtype`` (the source checkpoint's, fp16
+    if unknown). Returns the checkpoint format."""
+    dtype = dtype or torch.float16
+    from polyprune.compress.gptq_format import gptq_quantization_config, pack_linear
+    from polyprune.models import get_weight
+
+    v2 = any((qt.zeros == 0).any() for qt in quant.values())
+    if v2:
+        logger.warning(
+            "some asymmetric zero points are 0, which checkpoint format 'gptq' (v1) cannot "
+            "hold; writing 'gptq_v2' (read by GPTQModel, vLLM and transformers)"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    packed_prefixes = set(quant)
+    for name, t in model.state_dict().items():
+        prefix = name.rsplit(".", 1)[0]
+        if prefix in packed_prefixes or t.data_ptr() in seen:
+            continue  # packed below; or a tied duplicate (lm_head of tied embeddings)
+        seen.add(t.data_ptr())
+        tensors[name] = t.detach().to(dtype if t.is_floating_point() else t.dtype)
+    for name, qt in quant.items():
+        mod = model.get_submodule(name)
+        packed = pack_linear(get_weight(mod).cpu(), qt, getattr(mod, "bias", None), v2)
+        tensors.update({f"{name}.{k}": v.contiguous() for k, v in packed.items()})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})  # fmt: skip
+    qc = gptq_quantization_config(quant_cfg, v2, version)
+    config = model.config.to_dict()
+    config["quantization_config"] = qc
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    (path / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    (path / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
+    return qc["checkpoint_format"]
+
+
 def save_compressed(
     model,
     tokenizer,
@@ -64,6 +104,9 @@ def save_compressed(
     masks: dict | None = None,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    format: str = "dense",
+    quant: dict | None = None,
+    quant_cfg=None,
 ) -> Path:
     out = check_output_dir(out, overwrite).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -72,10 +115,17 @@ def save_compressed(
     try:
         # Saved in the checkpoint's own dtype; the model object is cast back afterwards, so
         # what the caller holds equals what is on disk.
-        if dtype is not None and run_dtype != dtype:
-            model.to(dtype)
-        model.save_pretrained(tmp, safe_serialization=True)
-        model.to(run_dtype)
+        if format == "gptq":
+            version = manifest.get("version", "")
+            fmt = save_gptq(model, tmp, quant, quant_cfg, version, dtype)
+            manifest.setdefault("quantization", {})["checkpoint_format"] = fmt
+        else:
+            if quant:  # dequantised weights are exact in fp32 only (fp16 scale x integer)
+                dtype = torch.float32
+            if dtype is not None and run_dtype != dtype:
+                model.to(dtype)
+            model.save_pretrained(tmp, safe_serialization=True)
+            model.to(run_dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if masks:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from polyprune.compress.masks import Pattern
+from polyprune.compress.quant import QuantTensors
 from polyprune.errors import InputError
 
 __all__ = ["PruneConfig", "SolverResult"]
@@ -62,3 +63,4 @@ class SolverResult:
     loss: float
     damp: float | None = None  # the damping that made H invertible (SparseGPT, GPTQ)
     row_loss: torch.Tensor | None = None  # (rows,) loss per output row, where the solver has it
+    quant: QuantTensors | None = None  # grids and g_idx of a quantised weight

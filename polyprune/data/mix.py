@@ -173,7 +173,8 @@ def _lang_rng(seed: int, lang: str) -> np.random.Generator:
 def _tokenize(tokenizer, docs: list[str]) -> list[list[int]]:
     out: list[list[int]] = []
     for i in range(0, len(docs), 256):
-        out.extend(tokenizer(docs[i : i + 256], add_special_tokens=False)["input_ids"])
+        batch = tokenizer(docs[i : i + 256], add_special_tokens=False, verbose=False)
+        out.extend(batch["input_ids"])
     return out
 
 
