@@ -95,3 +95,20 @@ def test_prune_demo_end_to_end_keeps_it_a_language_model(tmp_path, demo):
     pruned_ppl, _, _ = stream_perplexity(pruned, stream, seqlen=256)
     # at 50% the calibration language stays close to dense (a broken solver explodes it)
     assert 0.8 * dense_ppl < pruned_ppl < 1.5 * dense_ppl
+
+
+def test_gptq_on_the_demo_model_round_trips_through_the_packed_format(tmp_path):
+    from polyprune.cli import main
+
+    outs = {}
+    for fmt in ("gptq", "dense"):
+        outs[fmt] = tmp_path / fmt
+        args = ["quantize", "--model", "demo", "--method", "gptq", "--bits", "4",
+                "--group-size", "128", "--calib", "de,en", "--nsamples", "8", "--seqlen", "64",
+                "--format", fmt, "--out", str(outs[fmt]), "-q"]  # fmt: skip
+        assert main(args) == 0
+    packed = load_model(outs["gptq"], tokenizer=False).model
+    dense = load_model(outs["dense"], tokenizer=False).model
+    for (name, p), q in zip(packed.named_parameters(), dense.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert packed.lm_head.weight is packed.model.embed_tokens.weight  # ties restored
