@@ -16,19 +16,12 @@ from typing import Literal
 
 import torch
 
-from polyprune.kernels.hessian import hessian_update_upper, symmetrize
+from polyprune.kernels.colnorm import colsq_update
+from polyprune.kernels.hessian import hessian_update, symmetrize
 
-__all__ = ["InputStats", "StatKind", "accumulate_colsq"]
+__all__ = ["InputStats", "StatKind"]
 
 StatKind = Literal["hessian", "colsq"]
-
-
-def accumulate_colsq(s: torch.Tensor, n: int, X: torch.Tensor) -> None:
-    """In place: s <- s * n/(n+b) + (1/(n+b)) sum_t X_t^2 for X (b, d); s (d,) fp32."""
-    b = X.shape[0]
-    X = X.to(torch.float32)
-    s.mul_(n / (n + b))
-    s.add_(X.pow(2).sum(0), alpha=1.0 / (n + b))
 
 
 @dataclass
@@ -53,9 +46,9 @@ class InputStats:
         if X.device != torch.device(self.device):
             X = X.to(self.device)
         if self.kind == "hessian":
-            hessian_update_upper(self.H_upper, self.n, X)
+            hessian_update(self.H_upper, self.n, X)
         else:
-            accumulate_colsq(self.colsq, self.n, X)
+            colsq_update(self.colsq, self.n, X)
         self.n += X.shape[0]
 
     @property
