@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 
 from polyprune.compress.magnitude import select_mask
+from polyprune.compress.masks import row_prune_count
 from polyprune.compress.solver import PruneConfig, SolverResult
+from polyprune.kernels.dispatch import use_triton
+from polyprune.kernels.wanda_mask import wanda_mask
 
 __all__ = ["wanda_prune", "wanda_score"]
 
@@ -22,6 +25,11 @@ def wanda_score(W: torch.Tensor, colsq: torch.Tensor) -> torch.Tensor:
 
 def wanda_prune(W: torch.Tensor, colsq: torch.Tensor, cfg: PruneConfig) -> SolverResult:
     score = wanda_score(W, colsq)
-    mask = select_mask(score, cfg)
+    m = cfg.pattern.m
+    if use_triton(W) and not m & (m - 1):  # same mask by the Triton kernel (M a power of 2)
+        k = row_prune_count(W.shape[1], cfg.sparsity)
+        mask = wanda_mask(W, colsq, k=k, n=cfg.pattern.n, m=cfg.pattern.m)
+    else:
+        mask = select_mask(score, cfg)
     loss = float(score.pow(2)[mask].sum())
     return SolverResult(W.masked_fill(mask, 0), mask, loss)

@@ -1,0 +1,81 @@
+"""LAPE statistics (Tang et al., ACL 2024): for activations A [tokens, neurons] of one
+language, add per neuron the number of tokens with A > 0 and the sum of |A| into that
+language's row of ``counts`` (int64) and ``sums`` (fp32), in one read of A.
+
+* Torch path: ``(A > 0).sum(0)`` and ``A.abs().sum(0)``.
+* Triton path: one program per block of neurons loops over the tokens with int32 / fp32
+  accumulators and adds into the language's row (no atomics: each neuron has one program).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from polyprune.kernels.dispatch import triton_available, use_triton
+
+__all__ = ["lape_count", "lape_count_torch", "lape_count_triton"]
+
+
+def _check(A, counts, sums, lang):
+    if A.dim() != 2 or counts.shape != sums.shape or counts.shape[1] != A.shape[1]:
+        raise ValueError(
+            f"expected A (T, N), counts and sums (L, N); got {tuple(A.shape)}, "
+            f"{tuple(counts.shape)}, {tuple(sums.shape)}"
+        )
+    if counts.dtype != torch.int64 or sums.dtype != torch.float32:
+        raise ValueError("counts must be int64 and sums float32")
+    if not 0 <= lang < counts.shape[0]:
+        raise ValueError(f"language id {lang} outside [0, {counts.shape[0]})")
+
+
+def lape_count_torch(A: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor, lang: int) -> None:
+    _check(A, counts, sums, lang)
+    counts[lang] += (A > 0).sum(0)
+    sums[lang] += A.float().abs().sum(0)
+
+
+def lape_count(A: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor, lang: int) -> None:
+    if use_triton(A):
+        lape_count_triton(A, counts, sums, lang)
+    else:
+        lape_count_torch(A, counts, sums, lang)
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _lape_kernel(A, COUNTS, SUMS, T, N, stride_a, row_off,
+                     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+        pid = tl.program_id(0).to(tl.int64)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        mn = rn < N
+        cnt = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            rt = t0 + tl.arange(0, BLOCK_T)
+            a = tl.load(A + rt[:, None].to(tl.int64) * stride_a + rn[None, :],
+                        mask=(rt[:, None] < T) & mn[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            cnt += tl.sum((a > 0).to(tl.int32), axis=0)
+            tot += tl.sum(tl.abs(a), axis=0)
+        c = tl.load(COUNTS + row_off + rn, mask=mn, other=0)
+        tl.store(COUNTS + row_off + rn, c + cnt.to(tl.int64), mask=mn)
+        s = tl.load(SUMS + row_off + rn, mask=mn, other=0.0)
+        tl.store(SUMS + row_off + rn, s + tot, mask=mn)
+
+
+def lape_count_triton(
+    A: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor, lang: int,
+    block_n: int = 128, block_t: int = 32,
+) -> None:  # fmt: skip
+    _check(A, counts, sums, lang)
+    if not triton_available():
+        raise RuntimeError("Triton is not importable")
+    if not (counts.is_contiguous() and sums.is_contiguous()):
+        raise ValueError("counts and sums must be contiguous")
+    A = A.contiguous()
+    T, N = A.shape
+    _lape_kernel[(triton.cdiv(N, block_n),)](
+        A, counts, sums, T, N, A.stride(0), lang * N, BLOCK_N=block_n, BLOCK_T=block_t
+    )
