@@ -1,0 +1,118 @@
+"""SNR, pruning error and mask IoU against hand-computed values; hidden states in lockstep
+against plain forward hooks."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from polyprune.analysis.hidden import compare_hidden_states
+from polyprune.analysis.iou import intersect_seeds, mask_iou, seed_iou, sublayer_type
+from polyprune.analysis.snr import SNR_CAP_DB, LayerErrorStats, model_snr, snr_db
+from polyprune.models import find_blocks
+
+from .conftest import tiny_model
+
+
+def stats_of(h, h2):
+    s = LayerErrorStats()
+    for a, b in zip(h.split(100), h2.split(100), strict=True):  # streamed in chunks
+        s.update(a, b)
+    return s
+
+
+def test_identical_states_give_the_capped_snr():
+    h = torch.randn(500, 32)
+    assert stats_of(h, h.clone()).snr_db == SNR_CAP_DB
+
+
+def test_zero_states_give_0_db():
+    h = torch.randn(500, 32)
+    assert stats_of(h, torch.zeros_like(h)).snr_db == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.1, 0.5])
+def test_known_noise_power_gives_the_expected_snr(sigma):
+    torch.manual_seed(0)
+    h = torch.randn(20000, 64)  # unit power per coordinate
+    h2 = h + sigma * torch.randn_like(h)
+    assert stats_of(h, h2).snr_db == pytest.approx(10 * math.log10(1 / sigma**2), abs=0.1)
+
+
+def test_pruning_error_is_mse_in_units_of_the_mean_token_norm():
+    torch.manual_seed(1)
+    h = torch.randn(300, 16) * 3
+    h2 = h + 0.2 * torch.randn_like(h)
+    c = h.norm(dim=1).mean()
+    expected = ((h - h2) ** 2).sum() / (300 * 16) / c**2
+    assert stats_of(h, h2).pruning_error == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_model_snr_is_the_mean_over_layers():
+    a, b = LayerErrorStats(100.0, 1.0, 1.0, 1, 1), LayerErrorStats(10.0, 1.0, 1.0, 1, 1)
+    assert model_snr([a, b]) == pytest.approx(15.0)
+    assert snr_db(1.0, 0.0) == SNR_CAP_DB and snr_db(0.0, 1.0) == -SNR_CAP_DB
+
+
+def m(*bits):
+    return torch.tensor(bits, dtype=torch.bool)
+
+
+Q, D = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"
+
+
+def test_seed_intersection_is_applied_first():
+    s1 = {Q: m(1, 1, 0, 0), D: m(1, 0, 1, 0)}
+    s2 = {Q: m(1, 0, 1, 0), D: m(1, 0, 1, 1)}
+    both = intersect_seeds([s1, s2])
+    assert torch.equal(both[Q], m(1, 0, 0, 0)) and torch.equal(both[D], m(1, 0, 1, 0))
+
+
+def test_iou_on_hand_built_masks():
+    de = intersect_seeds(
+        [{Q: m(1, 1, 0, 0), D: m(1, 1, 1, 0)}, {Q: m(1, 1, 1, 0), D: m(1, 1, 1, 0)}]
+    )
+    sw = {Q: m(0, 1, 1, 0), D: m(1, 1, 0, 1)}
+    # de: Q 1100, D 1110; sw: Q 0110, D 1101
+    # Q: inter 1, union 3; D: inter 2, union 4; all: 3 / 7
+    assert mask_iou(de, sw, "sublayer") == {"q": pytest.approx(1 / 3), "down": pytest.approx(0.5)}
+    assert mask_iou(de, sw, "layer") == {"0": pytest.approx(1 / 3), "1": pytest.approx(0.5)}
+    assert mask_iou(de, sw)["all"] == pytest.approx(3 / 7)
+    assert mask_iou(de, de)["all"] == 1.0
+
+
+def test_seed_iou_is_the_mean_over_seed_pairs():
+    a, b, c = {Q: m(1, 1, 0, 0)}, {Q: m(1, 0, 1, 0)}, {Q: m(1, 1, 0, 0)}
+    # ab: 1/3, ac: 1, bc: 1/3
+    assert seed_iou([a, b, c])["all"] == pytest.approx((1 / 3 + 1 + 1 / 3) / 3)
+    assert sublayer_type("x.mlp.gate_proj") == "gate" and sublayer_type("x.attn.c_attn") == "c_attn"
+
+
+def block_outputs(model, ids):
+    outs = []
+    hooks = [
+        b.register_forward_hook(lambda mod, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+        for b in find_blocks(model)[1]
+    ]
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return outs
+
+
+def test_lockstep_hidden_states_equal_plain_hooks():
+    dense = tiny_model("llama", layers=3).eval()
+    pruned = copy.deepcopy(dense)
+    for p in find_blocks(pruned)[1][1].parameters():  # perturb layer 1 only
+        p.data.mul_(0.9)
+    ids = torch.randint(2, 300, (5, 24), generator=torch.Generator().manual_seed(0))
+    stats = compare_hidden_states(dense, {"p": pruned}, ids, batch_size=2, progress=False)["p"]
+    h, h2 = block_outputs(dense, ids), block_outputs(pruned, ids)
+    assert stats[0].snr_db == SNR_CAP_DB  # layer 0 untouched
+    for layer in (1, 2):
+        sig = (h[layer].double() ** 2).sum().item()
+        err = ((h[layer].double() - h2[layer].double()) ** 2).sum().item()
+        assert stats[layer].tokens == 5 * 24
+        assert stats[layer].snr_db == pytest.approx(10 * math.log10(sig / err), abs=1e-3)
