@@ -116,3 +116,70 @@ def test_lockstep_hidden_states_equal_plain_hooks():
         err = ((h[layer].double() - h2[layer].double()) ** 2).sum().item()
         assert stats[layer].tokens == 5 * 24
         assert stats[layer].snr_db == pytest.approx(10 * math.log10(sig / err), abs=1e-3)
+
+
+def planted(d=64, L=7, r=6, seed=0, noise=1e-3):
+    """Shared part + a planted rank-r language signal + noise: M (d, L) and the planted basis."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(d, 1, generator=g) * 5
+    basis, _ = torch.linalg.qr(torch.randn(d, r, generator=g))  # planted orthonormal (d, r)
+    coeff = torch.randn(r, L, generator=g) * 3
+    coeff = coeff - coeff.mean(1, keepdim=True)  # language signal averages out
+    M = shared + basis @ coeff + noise * torch.randn(d, L, generator=g)
+    return M, basis
+
+
+def principal_angles_deg(A, B):
+    cos = torch.linalg.svdvals(A.t().double() @ B.double()).clamp(max=1.0)
+    return torch.rad2deg(torch.arccos(cos))
+
+
+def test_lsar_recovers_the_planted_language_subspace():
+    from polyprune.analysis.lsar import lsar_subspace
+
+    M, basis = planted()
+    Ms = lsar_subspace(M)  # r = L - 1 = 6
+    assert Ms.shape == (64, 6)
+    torch.testing.assert_close(Ms.t() @ Ms, torch.eye(6), atol=1e-5, rtol=0)
+    assert principal_angles_deg(Ms, basis).max() < 1.0
+
+
+def test_lsar_agnostic_projection_removes_the_planted_signal():
+    from polyprune.analysis.lsar import lsar_subspace, projected_change
+
+    M, basis = planted()
+    Ms = lsar_subspace(M)
+    signal = basis @ torch.randn(6, 20)  # (d, prompts) purely language-specific changes
+    agnostic = signal - Ms @ (Ms.t() @ signal)
+    assert agnostic.norm() / signal.norm() < 0.02
+    spec, agn = projected_change(Ms, torch.zeros(20, 64), signal.t())
+    assert agn < 0.02 * spec
+    shared_dir = torch.randn(64, 1)
+    shared_dir -= basis @ (basis.t() @ shared_dir)  # orthogonal to the language signal
+    spec, agn = projected_change(Ms, torch.zeros(5, 64), shared_dir.t().repeat(5, 1))
+    assert spec < 0.02 * agn
+
+
+def test_lsar_rank_is_checked():
+    from polyprune.analysis.lsar import lsar_subspace
+
+    with pytest.raises(ValueError, match="rank 9"):
+        lsar_subspace(torch.randn(16, 7), rank=9)
+
+
+def test_lsar_equals_a_plain_reimplementation_of_the_reference_steps():
+    import numpy as np
+
+    from polyprune.analysis.lsar import lsar_subspace
+
+    g = torch.Generator().manual_seed(5)
+    M = (torch.randn(20, 5, generator=g) + 3).double().numpy()  # no planted structure
+    r = 3
+    mu = M.mean(1, keepdims=True)
+    U, S, Vt = np.linalg.svd(M - mu, full_matrices=False)
+    M_fit = mu + U[:, :r] @ np.diag(S[:r]) @ Vt[:r]
+    v = np.linalg.pinv(M_fit).T @ np.ones((5, 1))
+    mu2 = v / (v**2).sum()
+    U2 = np.linalg.svd(M_fit - mu2 @ np.ones((1, 5)), full_matrices=False)[0][:, :r]
+    Ms = lsar_subspace(torch.from_numpy(M), rank=r).double().numpy()
+    np.testing.assert_allclose(Ms @ Ms.T, U2 @ U2.T, atol=1e-5)  # same subspace
