@@ -14,8 +14,8 @@ tokens excluded, then the mean over prompts):
 
 When Gamma has full rank, mu' is the part of mu orthogonal to M_s, so step 2 returns the span
 of step 1's M_s; it is kept because it is what the reference does (and it also yields mu', the
-language-agnostic mean). Default r = L - 1. :func:`projected_change` measures, for dense and compressed embeddings of the
-same prompts, how far compression moves each part.
+language-agnostic mean). Default r = L - 1. :func:`projected_change` measures, for dense and
+compressed embeddings of the same prompts, how far compression moves each part.
 """
 
 from __future__ import annotations
