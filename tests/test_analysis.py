@@ -183,3 +183,49 @@ def test_lsar_equals_a_plain_reimplementation_of_the_reference_steps():
     U2 = np.linalg.svd(M_fit - mu2 @ np.ones((1, 5)), full_matrices=False)[0][:, :r]
     Ms = lsar_subspace(torch.from_numpy(M), rank=r).double().numpy()
     np.testing.assert_allclose(Ms @ Ms.T, U2 @ U2.T, atol=1e-5)  # same subspace
+
+
+def test_lape_entropy_on_a_hand_computed_table():
+    from polyprune.analysis.lape import lape_entropy
+
+    tokens = torch.tensor([10, 10, 20])
+    counts = torch.tensor(
+        [[5, 0, 0, 2],  # columns: even, never fires, one language only, uneven
+         [5, 0, 4, 0],
+         [10, 0, 0, 8]]
+    )  # fmt: skip
+    ent = lape_entropy(counts, tokens)
+    assert ent[0].item() == pytest.approx(math.log(3))  # p = .5 .5 .5
+    assert math.isnan(ent[1].item())
+    assert ent[2].item() == 0.0
+    q = [1 / 3, 2 / 3]  # p = .2, 0, .4
+    assert ent[3].item() == pytest.approx(-sum(x * math.log(x) for x in q))
+
+
+def test_lape_counting_through_hooks_equals_counting_by_hand():
+    from polyprune.analysis.lape import LapeCounter
+
+    model = tiny_model("llama", layers=2).eval()
+    batches = {0: torch.randint(2, 300, (3, 16)), 1: torch.randint(2, 300, (2, 16))}
+    with LapeCounter(model, n_langs=2) as counter, torch.no_grad():
+        for lang, ids in batches.items():
+            counter.lang = lang
+            model(ids, use_cache=False)
+    for layer, mlp in enumerate(model.model.layers):
+        mlp = mlp.mlp
+        for lang, ids in batches.items():
+            seen = {}
+            h1 = mlp.gate_proj.register_forward_hook(lambda m, a, o, s=seen: s.__setitem__("g", o))
+            h2 = mlp.down_proj.register_forward_pre_hook(
+                lambda m, a, s=seen: s.__setitem__("A", a[0])
+            )
+            with torch.no_grad():
+                model(ids, use_cache=False)
+            h1.remove()
+            h2.remove()
+            active = (torch.nn.functional.silu(seen["g"]) > 0).reshape(-1, 128).sum(0)
+            magnitude = seen["A"].abs().reshape(-1, 128).sum(0)
+            assert torch.equal(counter.counts[layer, lang], active)
+            torch.testing.assert_close(counter.magnitude[layer, lang], magnitude)
+    assert counter.tokens.tolist() == [48, 32]
+    assert counter.entropy().shape == (2, 128)
