@@ -55,7 +55,9 @@ class LapeCounter:
         device = next(model.parameters()).device
         self.counts = torch.zeros(len(self.mlps), n_langs, width, dtype=torch.int64, device=device)
         self.magnitude = torch.zeros(len(self.mlps), n_langs, width, device=device)
-        self._scratch = torch.zeros(n_langs, width, dtype=torch.int64, device=device)
+        # lape_count adds both statistics; each hook keeps one and drops the other here
+        self._unused_counts = torch.zeros(n_langs, width, dtype=torch.int64, device=device)
+        self._unused_sums = torch.zeros(n_langs, width, device=device)
         self.tokens = torch.zeros(n_langs, dtype=torch.int64)
         self.lang = 0
         self._handles: list = []
@@ -74,10 +76,8 @@ class LapeCounter:
     def _gate_hook(self, i: int, mlp: nn.Module):
         def hook(module, args, out):
             act = mlp.act_fn(out).reshape(-1, out.shape[-1])  # (tokens, neurons)
-            # counts of act(gate) > 0 go to this layer's row; the sums are not needed here
-            lape_count(
-                act, self.counts[i], self.magnitude.new_zeros(self.counts[i].shape), self.lang
-            )
+            # counts of act(gate) > 0 go to this layer's row; its |act| sums are not needed
+            lape_count(act, self.counts[i], self._unused_sums, self.lang)
             if i == 0:
                 self.tokens[self.lang] += act.shape[0]
 
@@ -86,8 +86,7 @@ class LapeCounter:
     def _down_hook(self, i: int):
         def hook(module, args):
             A = args[0].reshape(-1, args[0].shape[-1])  # act(gate) * up: the neuron outputs
-            self._scratch.zero_()
-            lape_count(A, self._scratch, self.magnitude[i], self.lang)
+            lape_count(A, self._unused_counts, self.magnitude[i], self.lang)
 
         return hook
 

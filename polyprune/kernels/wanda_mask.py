@@ -47,6 +47,13 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _score_bits(w_row, NORM, cols, mc):
+        """int32 bit patterns of |w| * norm: for non-negative floats they order as the values."""
+        s = tl.abs(tl.load(w_row + cols, mask=mc, other=0.0).to(tl.float32))
+        s = s * tl.load(NORM + cols, mask=mc, other=0.0)
+        return s.to(tl.int32, bitcast=True)
+
+    @triton.jit
     def _row_topk_kernel(W, NORM, OUT, C, stride_w, stride_o, k, BLOCK_C: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         w_row = W + row * stride_w
@@ -58,9 +65,7 @@ if triton_available():
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
                 mc = cols < C
-                s = tl.abs(tl.load(w_row + cols, mask=mc, other=0.0).to(tl.float32))
-                s = s * tl.load(NORM + cols, mask=mc, other=0.0)
-                bits = s.to(tl.int32, bitcast=True)
+                bits = _score_bits(w_row, NORM, cols, mc)
                 cnt += tl.sum(((bits <= mid) & mc).to(tl.int32), axis=0)
             take = cnt >= k
             hi = tl.where(take, mid, hi)
@@ -70,17 +75,14 @@ if triton_available():
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             mc = cols < C
-            s = tl.abs(tl.load(w_row + cols, mask=mc, other=0.0).to(tl.float32))
-            s = s * tl.load(NORM + cols, mask=mc, other=0.0)
-            below_total += tl.sum(((s.to(tl.int32, bitcast=True) < thr) & mc).to(tl.int32), axis=0)
+            bits = _score_bits(w_row, NORM, cols, mc)
+            below_total += tl.sum(((bits < thr) & mc).to(tl.int32), axis=0)
         need = k - below_total  # tied entries to take, lowest columns first
         carry = tl.zeros((), dtype=tl.int32)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             mc = cols < C
-            s = tl.abs(tl.load(w_row + cols, mask=mc, other=0.0).to(tl.float32))
-            s = s * tl.load(NORM + cols, mask=mc, other=0.0)
-            bits = s.to(tl.int32, bitcast=True)
+            bits = _score_bits(w_row, NORM, cols, mc)
             tied = ((bits == thr) & mc).to(tl.int32)
             rank = tl.cumsum(tied, axis=0) + carry
             pruned = (bits < thr) | ((tied == 1) & (rank <= need))
