@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from polyprune.analysis.snr import LayerErrorStats
-from polyprune.compress.engine import _block_output, capture_block_inputs
+from polyprune.compress.engine import block_output, capture_block_inputs
 from polyprune.models import find_blocks
 
 __all__ = ["compare_hidden_states"]
@@ -55,7 +55,7 @@ def compare_hidden_states(
             home = next(block.parameters()).device
             block.to(device)
             for sl, args, kwargs in inputs[name].batches(batch_size):
-                y = _block_output(block(inputs[name].hidden[sl].to(device), *args, **kwargs))
+                y = block_output(block(inputs[name].hidden[sl].to(device), *args, **kwargs))
                 outs[name][sl] = y.to(outs[name].device)
             block.to(home)
         for name in compressed:

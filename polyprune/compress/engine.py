@@ -48,6 +48,7 @@ __all__ = [
     "EngineReport",
     "LayerRecord",
     "Method",
+    "block_output",
     "capture_block_inputs",
     "compress_model",
 ]
@@ -229,7 +230,7 @@ def capture_block_inputs(
     return BlockInputs(state["hidden"], state["extra"])
 
 
-def _block_output(out) -> torch.Tensor:
+def block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -305,7 +306,7 @@ def _collect_stats(
 @torch.inference_mode()
 def _run_block(block: nn.Module, inputs: BlockInputs, out: torch.Tensor, cfg: EngineConfig):
     for sl, args, kwargs in inputs.batches(cfg.batch_size):
-        y = _block_output(block(inputs.hidden[sl].to(cfg.device), *args, **kwargs))
+        y = block_output(block(inputs.hidden[sl].to(cfg.device), *args, **kwargs))
         out[sl] = y.to(out.device)
 
 
