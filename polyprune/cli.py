@@ -157,6 +157,51 @@ def build_parser() -> argparse.ArgumentParser:
         "dequantised weights (fp32) in an ordinary HF checkpoint",
     )
 
+    a = sub.add_parser(
+        "analyze", parents=[common], help="language-wise diagnostics of compressed runs"
+    )
+    a.add_argument("--dense", required=True, metavar="MODEL", help="hub id, directory, or demo")
+    a.add_argument("--compressed", required=True, nargs="+", metavar="DIR",
+                   help="polyprune outputs of the dense model")  # fmt: skip
+    a.add_argument("--langs", required=True, help="evaluation languages, e.g. ar,de,en,sw")
+    a.add_argument(
+        "--metrics",
+        default=None,
+        help="comma-separated subset of snr,error,iou,lsar,lape (default: all that apply; "
+        "iou needs runs pruned with --save-masks)",
+    )
+    a.add_argument("--source", default="bundled", help="held-out text: bundled, mc4[:N], DIR")
+    a.add_argument("--nsamples", type=int, default=16, help="held-out windows per language")
+    a.add_argument("--seqlen", type=int, default=512, help="tokens per window")
+    a.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    a.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    a.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), float32, float16, bfloat16")
+    a.add_argument("--lsar-rank", type=int, default=None, help="LSAR subspace rank (default L-1)")
+    a.add_argument("--lape-group", type=float, default=2.0, metavar="PERCENT",
+                   help="neuron group size in %% of neurons, by dense LAPE")  # fmt: skip
+    a.add_argument(
+        "--lape-top-rate",
+        type=float,
+        default=0.01,
+        help="Tang et al. selection: fraction of neurons with the lowest LAPE",
+    )
+    a.add_argument(
+        "--lape-filter-rate",
+        type=float,
+        default=0.95,
+        help="... among neurons above this activation-probability quantile",
+    )
+    a.add_argument("--lape-bar-ratio", type=float, default=0.95,
+                   help="... assigned to languages above this quantile")  # fmt: skip
+    a.add_argument(
+        "--models-per-pass",
+        type=int,
+        default=None,
+        help="compressed models held in memory beside the dense one (default all)",
+    )
+    a.add_argument("--out", required=True, metavar="REPORT_DIR")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing report")
+
     d = sub.add_parser("data", parents=[common], help="inspect calibration text sources and mixes")
     dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     ls = dsub.add_parser("ls", parents=[common], help="languages of a source")
@@ -226,6 +271,40 @@ def _summary(manifest: dict, out: str) -> None:
     print(f"written to  {out}")
 
 
+def _cmd_analyze(args) -> int:
+    from polyprune.analysis.analyze import AnalysisConfig, analyze
+    from polyprune.analysis.report import write_report
+    from polyprune.compress.export import check_output_dir
+
+    cfg = AnalysisConfig(
+        langs=tuple(x.strip() for x in args.langs.split(",") if x.strip()),
+        metrics=tuple(x.strip() for x in args.metrics.split(",")) if args.metrics else None,
+        source=args.source, nsamples=args.nsamples, seqlen=args.seqlen,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        lsar_rank=args.lsar_rank, lape_group_percent=args.lape_group,
+        lape_top_rate=args.lape_top_rate, lape_filter_rate=args.lape_filter_rate,
+        lape_bar_ratio=args.lape_bar_ratio, models_per_pass=args.models_per_pass,
+        progress=not args.quiet,
+    )  # fmt: skip
+    check_output_dir(args.out, args.overwrite)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"device {args.device!r} asked for, but torch sees no CUDA device")
+    metrics = analyze(args.dense, args.compressed, cfg)
+    out = write_report(metrics, args.out, args.overwrite)
+    figures = sorted(p.name for p in out.glob("*.png"))
+    print(f"metrics     {', '.join(metrics['metrics'])}")
+    if "snr" in metrics:
+        for label, r in metrics["snr"].items():
+            per = ", ".join(f"{k} {v:.1f}" for k, v in r["model"].items())
+            print(f"SNR (dB)    {label}: {per}")
+    print(f"figures     {', '.join(figures)}")
+    print(f"written to  {out / 'report.md'}")
+    return 0
+
+
 def _cmd_data(args) -> int:
     from polyprune.data.mix import CalibrationMix
     from polyprune.data.sources import Mc4Source, get_source
@@ -291,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_quantize(args)
         if args.command == "data":
             return _cmd_data(args)
+        if args.command == "analyze":
+            return _cmd_analyze(args)
     except InputError as e:
         sys.stderr.write(f"polyprune {args.command}: error: {e}\n")
         return 2

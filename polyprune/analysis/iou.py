@@ -11,11 +11,23 @@ the pruning decision is.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import re
 
 import torch
 
-__all__ = ["group_of", "intersect_seeds", "mask_iou", "seed_iou", "sublayer_type"]
+from polyprune.compress.masks import unpack_mask
+
+__all__ = [
+    "MaskFile",
+    "group_of",
+    "intersect_seeds",
+    "mask_iou",
+    "pair_counts",
+    "seed_iou",
+    "sublayer_type",
+]
 
 _SUBLAYER = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
@@ -60,17 +72,28 @@ def intersect_seeds(runs: list[Masks]) -> Masks:
     return {n: torch.stack([r[n] for r in runs]).all(0) for n in runs[0]}
 
 
-def mask_iou(a: Masks, b: Masks, by: str = "all") -> dict[str, float]:
-    """IoU of two mask sets per group (counts summed over the group's Linears)."""
+def pair_counts(
+    a: Masks, b: Masks, by: str = "all", into: dict[str, list[int]] | None = None
+) -> dict[str, list[int]]:
+    """[|a ∩ b|, |a ∪ b|] per group, added to ``into`` if given (to stream over Linears)."""
     if set(a) != set(b):
         raise ValueError("the two runs' masks cover different Linears")
-    inter: dict[str, int] = {}
-    union: dict[str, int] = {}
+    counts = {} if into is None else into
     for name in a:
-        g = group_of(name, by)
-        inter[g] = inter.get(g, 0) + int((a[name] & b[name]).sum())
-        union[g] = union.get(g, 0) + int((a[name] | b[name]).sum())
-    return {g: inter[g] / union[g] if union[g] else 1.0 for g in inter}
+        c = counts.setdefault(group_of(name, by), [0, 0])
+        c[0] += int((a[name] & b[name]).sum())
+        c[1] += int((a[name] | b[name]).sum())
+    return counts
+
+
+def ratio(counts: dict[str, list[int]]) -> dict[str, float]:
+    """IoU per group from [intersection, union] counts (two empty sets agree fully)."""
+    return {g: i / u if u else 1.0 for g, (i, u) in counts.items()}
+
+
+def mask_iou(a: Masks, b: Masks, by: str = "all") -> dict[str, float]:
+    """IoU of two mask sets per group (counts summed over the group's Linears)."""
+    return ratio(pair_counts(a, b, by))
 
 
 def seed_iou(runs: list[Masks], by: str = "all") -> dict[str, float]:
@@ -79,3 +102,23 @@ def seed_iou(runs: list[Masks], by: str = "all") -> dict[str, float]:
         raise ValueError("seed IoU needs at least two seeds")
     pairs = [mask_iou(x, y, by) for x, y in itertools.combinations(runs, 2)]
     return {g: sum(p[g] for p in pairs) / len(pairs) for g in pairs[0]}
+
+
+class MaskFile:
+    """A ``masks.safetensors`` read one Linear at a time, so that comparing many runs of a big
+    model holds one Linear's masks, not the whole model's."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), "pt")
+        meta = self._file.metadata() or {}
+        if meta.get("format") != "polyprune-masks-v1":
+            raise ValueError(f"{path} is not a polyprune masks file")
+        self.shapes = {k: tuple(v) for k, v in json.loads(meta["shapes"]).items()}
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return unpack_mask(self._file.get_tensor(name), self.shapes[name])

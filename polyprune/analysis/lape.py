@@ -14,13 +14,24 @@ the kernel dispatcher (``kernels.lape_count``).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from polyprune.kernels.lape_count import lape_count
 from polyprune.models import find_blocks
 
-__all__ = ["LapeCounter", "lape_entropy", "swiglu_mlps"]
+__all__ = [
+    "LapeCounter",
+    "LanguageNeurons",
+    "box_stats",
+    "lape_entropy",
+    "neuron_groups",
+    "select_language_neurons",
+    "swiglu_mlps",
+]
 
 
 def lape_entropy(counts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -49,10 +60,10 @@ class LapeCounter:
     """Counts per layer, language and neuron while the model runs; use as a context manager
     and set ``lang`` before each forward pass."""
 
-    def __init__(self, model: nn.Module, n_langs: int):
+    def __init__(self, model: nn.Module, n_langs: int, device: torch.device | str | None = None):
         self.mlps = swiglu_mlps(model)
         width = self.mlps[0].gate_proj.out_features
-        device = next(model.parameters()).device
+        device = next(model.parameters()).device if device is None else device
         self.counts = torch.zeros(len(self.mlps), n_langs, width, dtype=torch.int64, device=device)
         self.magnitude = torch.zeros(len(self.mlps), n_langs, width, device=device)
         # lape_count adds both statistics; each hook keeps one and drops the other here
@@ -93,3 +104,89 @@ class LapeCounter:
     def entropy(self) -> torch.Tensor:
         """LAPE (layers, neurons)."""
         return torch.stack([lape_entropy(c, self.tokens) for c in self.counts.cpu()])
+
+    def probabilities(self) -> torch.Tensor:
+        """Activation probability (layers, languages, neurons)."""
+        return self.counts.cpu().double() / self.tokens.double().reshape(1, -1, 1)
+
+    def output_magnitude(self) -> torch.Tensor:
+        """Mean |act(gate) * up| per token over all languages (layers, neurons)."""
+        return self.magnitude.cpu().double().sum(1) / self.tokens.sum().double()
+
+
+def neuron_groups(dense_lape: torch.Tensor, percent: float = 2.0) -> list[torch.Tensor]:
+    """Flat neuron indices (into ``dense_lape.flatten()``) sorted by ascending dense LAPE and
+    cut into groups of ``percent`` % of the neurons that fire (NaN LAPE is left out), the
+    most language-specific group first. Ties keep index order."""
+    if not 0 < percent <= 100:
+        raise ValueError(f"group size {percent}% must be in (0, 100]")
+    flat = dense_lape.flatten()
+    order = torch.argsort(flat.nan_to_num(math.inf), stable=True)
+    order = order[: int((~flat.isnan()).sum())]
+    n_groups = max(1, round(100 / percent))
+    return [g for g in torch.tensor_split(order, n_groups) if len(g)]
+
+
+def box_stats(values: torch.Tensor) -> dict[str, float]:
+    """Quartiles, whiskers at 1.5 IQR (matplotlib's rule) and mean of the finite values."""
+    v = values[torch.isfinite(values)].double()
+    if len(v) == 0:
+        return {k: math.nan for k in ("whislo", "q1", "med", "q3", "whishi", "mean")} | {"n": 0}
+    q1, med, q3 = (torch.quantile(v, q).item() for q in (0.25, 0.5, 0.75))
+    iqr = q3 - q1
+    lo = v[v >= q1 - 1.5 * iqr].min().item()
+    hi = v[v <= q3 + 1.5 * iqr].max().item()
+    return {"whislo": lo, "q1": q1, "med": med, "q3": q3, "whishi": hi,
+            "mean": v.mean().item(), "n": len(v)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LanguageNeurons:
+    """The language-specific neurons of Tang et al.'s selection."""
+
+    selected: torch.Tensor  # flat (layer * width + neuron) indices, lowest LAPE first
+    languages: torch.Tensor  # bool (len(selected), L): the languages each neuron belongs to
+    filter_value: float  # the activation probability a neuron must exceed in some language
+    activation_bar: float  # ... and in each language it is assigned to
+
+    def per_language(self) -> list[set[int]]:
+        return [set(self.selected[self.languages[:, i]].tolist())
+                for i in range(self.languages.shape[1])]  # fmt: skip
+
+
+def select_language_neurons(
+    probs: torch.Tensor,
+    top_rate: float = 0.01,
+    filter_rate: float = 0.95,
+    activation_bar_ratio: float = 0.95,
+) -> LanguageNeurons:
+    """Tang et al. (2024), Sec. 2 and their ``identify.py``, from activation probabilities
+    (layers, L, neurons):
+
+    1. filter: a neuron is a candidate only if its probability in some language exceeds the
+       ``filter_rate`` quantile (``kthvalue``) of all probabilities;
+    2. select the ``top_rate`` fraction of all neurons with the lowest LAPE among candidates;
+    3. assign a selected neuron to every language whose probability exceeds the
+       ``activation_bar_ratio`` quantile of all probabilities.
+    """
+    for name, v in (("top_rate", top_rate), ("filter_rate", filter_rate),
+                    ("activation_bar_ratio", activation_bar_ratio)):  # fmt: skip
+        if not 0 < v < 1:
+            raise ValueError(f"{name} {v} must be in (0, 1)")
+    layers, L, width = probs.shape
+    p = probs.permute(0, 2, 1).reshape(-1, L).double()  # (layers * width, L)
+    flat = p.flatten()
+
+    def kth(ratio: float) -> float:
+        return flat.kthvalue(max(1, round(len(flat) * ratio))).values.item()
+
+    filter_value = kth(filter_rate)
+    total = p.sum(1, keepdim=True)
+    q = p / total
+    ent = -(q * torch.log(q)).nan_to_num(0.0).sum(1)
+    candidate = (p > filter_value).any(1) & (total[:, 0] > 0)
+    ent = torch.where(candidate, ent, torch.inf)
+    k = min(round(len(ent) * top_rate), int(candidate.sum()))
+    order = torch.argsort(ent, stable=True)[:k]
+    bar = kth(activation_bar_ratio)
+    return LanguageNeurons(order, p[order] > bar, filter_value, bar)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["lsar_subspace", "projected_change"]
+__all__ = ["lsar_subspace", "projected_change", "projected_norms"]
 
 
 def lsar_subspace(M: torch.Tensor, rank: int | None = None) -> torch.Tensor:
@@ -52,3 +52,9 @@ def projected_change(
     specific = Ms @ (Ms.t() @ delta)
     agnostic = delta - specific
     return specific.norm(dim=0).mean().item(), agnostic.norm(dim=0).mean().item()
+
+
+def projected_norms(Ms: torch.Tensor, emb: torch.Tensor) -> tuple[float, float]:
+    """Mean over prompts of ||P_s e|| and ||(I - P_s) e|| for embeddings (prompts, d): the
+    size of each part, against which a change is read."""
+    return projected_change(Ms, emb, torch.zeros_like(emb))

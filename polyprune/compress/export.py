@@ -20,12 +20,26 @@ from safetensors.torch import load_file, save_file
 from polyprune.compress.masks import unpack_mask
 from polyprune.errors import InputError
 
-__all__ = ["FORMATS", "check_output_dir", "load_masks", "save_compressed", "save_masks"]
+__all__ = [
+    "FORMATS",
+    "check_output_dir",
+    "chmod_like_mkdir",
+    "load_masks",
+    "save_compressed",
+    "save_masks",
+]
 
 logger = logging.getLogger(__name__)
 MANIFEST = "polyprune.json"
 MASKS = "masks.safetensors"
 FORMATS = ("dense", "gptq")
+
+
+def chmod_like_mkdir(path: Path) -> None:
+    """mkdtemp makes 0700 directories; an output should get what ``mkdir`` would give it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -111,6 +125,7 @@ def save_compressed(
     out = check_output_dir(out, overwrite).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    chmod_like_mkdir(tmp)
     run_dtype = next(model.parameters()).dtype
     try:
         # Saved in the checkpoint's own dtype; the model object is cast back afterwards, so
