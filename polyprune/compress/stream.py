@@ -166,9 +166,14 @@ class ShardWriter:
     """
 
     def __init__(
-        self, directory: Path, max_shard_bytes: int | None = None, header_bytes: int = 1 << 18
+        self,
+        directory: Path,
+        stem: str = "model",
+        max_shard_bytes: int | None = None,
+        header_bytes: int = 1 << 18,
     ):
         self.directory = Path(directory)
+        self.stem = stem
         self.max_shard_bytes = max_shard_bytes
         self.header_bytes = header_bytes
         self.metadata: dict[str, str] = {"format": "pt"}
@@ -208,7 +213,7 @@ class ShardWriter:
         self._offset += nbytes
 
     def _open(self) -> None:
-        path = self.directory / f".shard-{len(self.shards):05d}.tmp"
+        path = self.directory / f".{self.stem}-{len(self.shards):05d}.tmp"
         self._file = open(path, "wb")  # noqa: SIM115 (closed in _close)
         self._file.write(b"\0" * (8 + self.header_bytes))
         self._path, self._header, self._header_len, self._offset = path, {}, 0, 0
@@ -226,9 +231,10 @@ class ShardWriter:
         self.shards.append((self._path, self._header))
         self._file = None
 
-    def finish(self, stem: str = "model") -> list[Path]:
+    def finish(self) -> list[Path]:
         """Close the last shard and give the shards their final names: ``{stem}.safetensors``
         alone, or ``{stem}-0000i-of-0000n.safetensors`` and ``{stem}.safetensors.index.json``."""
+        stem = self.stem
         self._close()
         n = len(self.shards)
         if n == 0:
@@ -335,8 +341,8 @@ def compress_checkpoint(
     model = empty_model(config, run_dtype)
     ckpt = Checkpoint(path, model)
     prefix, blocks = find_blocks(model)
-    writer = ShardWriter(out, max_shard_bytes)
-    masks = ShardWriter(out, None, header_bytes=1 << 23) if save_masks else None
+    writer = ShardWriter(out, "model", max_shard_bytes)
+    masks = ShardWriter(out, Path(MASKS).stem, None, header_bytes=1 << 23) if save_masks else None
     mask_shapes: dict[str, list[int]] = {}
     gptq = format == "gptq"
     # A GPTQ v1 checkpoint stores zero - 1 and cannot hold a zero point of 0, which only
@@ -419,10 +425,10 @@ def compress_checkpoint(
             if not name.startswith(block_names):
                 writer.add(name, _cast(ckpt.read([name])[name], out_dtype))
         compress_blocks(model, input_ids, cfg, BlockIO(load, release, capture), report)
-        writer.finish("model")
+        writer.finish()
         if masks is not None:
             masks.metadata = masks_metadata(mask_shapes)
-            masks.finish(Path(MASKS).stem)
+            masks.finish()
     except BaseException:
         writer.abort()
         if masks is not None:
