@@ -163,6 +163,7 @@ class EngineReport:
     seconds: dict[str, float] = field(default_factory=dict)
     masks: dict[str, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)
     quant: dict[str, QuantTensors] = field(default_factory=dict)  # grids of quantised Linears
+    block_seconds: list[float] = field(default_factory=list)  # load + compress + release
 
     def overall_sparsity(self) -> float:
         total = sum(r.shape[0] * r.shape[1] for r in self.layers)
@@ -515,10 +516,12 @@ def compress_blocks(
 
     if method.stat is None:
         for b, block in enumerate(tqdm(blocks, desc=cfg.method, disable=not cfg.progress)):
+            t0 = time.perf_counter()
             io.load(b, block)
             for name, mod in linear_layers(block).items():
                 _solve_group([(name, mod)], None, method, cfg, f"{prefix}.{b}", report)
             io.release(b, block)
+            report.block_seconds.append(time.perf_counter() - t0)
         report.seconds["solve"] = time.perf_counter() - t_start
         return report
 
@@ -534,9 +537,11 @@ def compress_blocks(
     timers = _Timers()
     structure: dict[type, list[list[str]]] = {}  # blocks of one class share their grouping
     for b, block in enumerate(tqdm(blocks, desc=cfg.method, disable=not cfg.progress)):
+        t0 = time.perf_counter()
         io.load(b, block)
         _compress_block(block, f"{prefix}.{b}", inputs, out, method, cfg, report, structure, timers)
         io.release(b, block)
+        report.block_seconds.append(time.perf_counter() - t0)
         inputs.hidden, out = out, inputs.hidden
     report.seconds.update(statistics=timers.statistics, solve=timers.solve, forward=timers.forward)
     report.seconds["total"] = time.perf_counter() - t_start
