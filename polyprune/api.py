@@ -6,6 +6,7 @@ the calibration windows, runs the engine, and writes the output.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -23,15 +24,28 @@ from polyprune.compress.engine import (
     check_widths,
     compress_model,
 )
-from polyprune.compress.export import FORMATS, check_output_dir, save_compressed
+from polyprune.compress.export import (
+    FORMATS,
+    MANIFEST,
+    check_output_dir,
+    save_compressed,
+    staged_output,
+)
 from polyprune.compress.gptq_format import check_packable
 from polyprune.compress.masks import Pattern
 from polyprune.compress.quant import QuantConfig
 from polyprune.compress.solver import PruneConfig
+from polyprune.compress.stream import (
+    compress_checkpoint,
+    has_safetensors,
+    local_checkpoint,
+    parse_size,
+)
 from polyprune.data.mix import SAMPLING_MODES, CalibrationMix, build_calibration_set
 from polyprune.data.sources import get_source
 from polyprune.errors import InputError
 from polyprune.models import (
+    _dtype,
     find_blocks,
     get_weight,
     linear_layers,
@@ -139,7 +153,10 @@ def compress(
     device: str = "cpu",
     dtype: str = "auto",
     batch_size: int = 8,
-    offload: str = "none",
+    offload: str = "auto",
+    offload_dir: str | None = None,
+    stream: bool | str = False,
+    max_shard_size: str | int = "5GB",
     true_sequential: bool = False,
     tokenizer=None,
     out: str | os.PathLike | None = None,
@@ -150,7 +167,14 @@ def compress(
     command: str | None = None,
 ) -> tuple[nn.Module, dict]:
     """Compress ``model`` in place with ``method``; every input is checked before any work:
-    an impossible setting fails in milliseconds, not after an hour of calibration."""
+    an impossible setting fails in milliseconds, not after an hour of calibration.
+
+    ``stream=True`` compresses a checkpoint on disk (a directory or hub id of safetensors) one
+    decoder block at a time into ``out`` (output shards of at most ``max_shard_size``), so
+    neither the model nor the output is ever whole in memory; the model returned is then None
+    (load it from ``out``). ``stream="auto"`` streams whenever ``model`` is such a checkpoint
+    and ``out`` is given. ``offload`` (auto, none, cpu, disk) places the calibration
+    activations; disk memory-maps them in ``offload_dir``."""
     t0 = time.perf_counter()
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
@@ -167,8 +191,12 @@ def compress(
     prune_cfg = prune_cfg or PruneConfig()
     engine_cfg = EngineConfig(
         method=method, prune=prune_cfg, device=device, batch_size=batch_size, offload=offload,
-        true_sequential=true_sequential, keep_masks=save_masks, progress=progress, quant=quant,
+        offload_dir=offload_dir, true_sequential=true_sequential, keep_masks=save_masks,
+        progress=progress, quant=quant,
     )  # fmt: skip
+    max_shard_bytes = parse_size(max_shard_size)
+    if stream not in (True, False, "auto"):
+        raise InputError(f"stream must be True, False or 'auto', not {stream!r}")
     needs_data = METHODS[method].stat is not None
     mix = None
     if needs_data:
@@ -194,6 +222,9 @@ def compress(
         config, model_name = load_config(path), path
         if tokenizer is None:
             tokenizer = load_tokenizer(path)
+    streaming = _streaming(stream, path, config, out)
+    if streaming:
+        path = local_checkpoint(path)
     limit = max_positions(config)
     if needs_data and limit is not None and seqlen > limit:
         raise InputError(f"seqlen {seqlen} is above the model's maximum positions ({limit})")
@@ -212,6 +243,12 @@ def compress(
             calib_set.nsamples, seqlen, sampling, calib_set.fingerprint,
         )  # fmt: skip
 
+    if streaming:
+        return _compress_streamed(
+            path, config, model_name, tokenizer, calib_set, engine_cfg, prune_cfg, quant,
+            dtype, format, max_shard_bytes, out, overwrite, command, timings, t0,
+        )  # fmt: skip
+
     source_dtype = None
     if path is not None:
         t = time.perf_counter()
@@ -221,12 +258,98 @@ def compress(
     report = compress_model(model, calib_set.input_ids if calib_set else None, engine_cfg)
     timings.update({f"engine_{k}": v for k, v in report.seconds.items()})
 
+    run_dtype = next(model.parameters()).dtype
+    manifest = _manifest(
+        engine_cfg, prune_cfg, quant, format, model_name, run_dtype, calib_set, report,
+        command, timings,
+    )  # fmt: skip
+    if out is not None:
+        t = time.perf_counter()
+        save_compressed(
+            model, tokenizer, out, manifest, masks=report.masks if save_masks else None,
+            overwrite=overwrite, dtype=source_dtype, format=format, quant=report.quant,
+            quant_cfg=quant,
+        )  # fmt: skip
+        manifest["seconds"]["export"] = time.perf_counter() - t
+    manifest["seconds"]["total"] = time.perf_counter() - t0
+    return model, manifest
+
+
+def _streaming(stream: bool | str, path: str | None, config, out) -> bool:
+    """Whether to stream, with a clear refusal where it cannot."""
+    if stream is False:
+        return False
+    gptq_source = isinstance(getattr(config, "quantization_config", None), dict)
+    if stream == "auto":
+        local = path is not None and os.path.isdir(path)
+        return (
+            out is not None
+            and not gptq_source
+            and path is not None
+            and (has_safetensors(path) if local else True)
+        )
+    if path is None:
+        raise InputError("streaming reads a checkpoint from disk: pass its path, not a model")
+    if out is None:
+        raise InputError("streaming writes the compressed model to disk: give an output (--out)")
+    if gptq_source:
+        raise InputError("a quantised checkpoint cannot be streamed; use --no-stream")
+    return True
+
+
+def _source_dtype(config) -> torch.dtype | None:
+    src = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return src if isinstance(src, torch.dtype) else getattr(torch, str(src), None)
+
+
+def _compress_streamed(
+    path, config, model_name, tokenizer, calib_set, engine_cfg: EngineConfig,
+    prune_cfg: PruneConfig, quant: QuantConfig | None, dtype: str, format: str,
+    max_shard_bytes: int, out, overwrite: bool, command: str | None,
+    timings: dict[str, float], t0: float,
+) -> tuple[None, dict]:  # fmt: skip
+    """The checkpoint in ``path`` compressed block by block into ``out``; see ``stream.py``."""
+    source_dtype = _source_dtype(config)
+    run_dtype = _dtype(dtype, engine_cfg.device)
+    if run_dtype == "auto":
+        run_dtype = source_dtype or torch.float32
+    if quant is not None and format == "dense":  # dequantised weights are exact in fp32 only
+        out_dtype = torch.float32
+    else:
+        out_dtype = source_dtype or (torch.float16 if format == "gptq" else run_dtype)
+    with staged_output(out, overwrite) as tmp:
+        result = compress_checkpoint(
+            path, calib_set.input_ids if calib_set else None, engine_cfg, tmp, run_dtype,
+            out_dtype, format=format, max_shard_bytes=max_shard_bytes,
+            save_masks=engine_cfg.keep_masks, version=_version(),
+        )  # fmt: skip
+        timings.update({f"engine_{k}": v for k, v in result.report.seconds.items()})
+        manifest = _manifest(
+            engine_cfg, prune_cfg, quant, format, model_name, run_dtype, calib_set,
+            result.report, command, timings,
+        )  # fmt: skip
+        manifest["settings"]["stream"] = True
+        if result.checkpoint_format is not None:
+            manifest["quantization"]["checkpoint_format"] = result.checkpoint_format
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        manifest["seconds"]["total"] = time.perf_counter() - t0
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return None, manifest
+
+
+def _manifest(
+    engine_cfg: EngineConfig, prune_cfg: PruneConfig, quant: QuantConfig | None, format: str,
+    model_name, run_dtype: torch.dtype, calib_set, report, command: str | None,
+    timings: dict[str, float],
+) -> dict:  # fmt: skip
+    method = engine_cfg.method
     settings = {
-        "true_sequential": true_sequential,
-        "batch_size": batch_size,
-        "device": device,
-        "offload": offload,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "true_sequential": engine_cfg.true_sequential,
+        "batch_size": engine_cfg.batch_size,
+        "device": engine_cfg.device,
+        "offload": engine_cfg.offload,
+        "dtype": str(run_dtype).removeprefix("torch."),
     }
     if method not in QUANT_METHODS:
         settings.update(sparsity=prune_cfg.sparsity, pattern=str(prune_cfg.pattern))
@@ -263,13 +386,4 @@ def compress(
             "static_groups": quant.static_groups,
             "format": format,
         }
-    if out is not None:
-        t = time.perf_counter()
-        save_compressed(
-            model, tokenizer, out, manifest, masks=report.masks if save_masks else None,
-            overwrite=overwrite, dtype=source_dtype, format=format, quant=report.quant,
-            quant_cfg=quant,
-        )  # fmt: skip
-        manifest["seconds"]["export"] = time.perf_counter() - t
-    manifest["seconds"]["total"] = time.perf_counter() - t0
-    return model, manifest
+    return manifest

@@ -67,9 +67,21 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument(
         "--offload",
-        choices=["none", "cpu"],
-        default="none",
-        help="cpu: keep calibration activations in host memory (GPU runs)",
+        choices=["auto", "none", "cpu", "disk"],
+        default="auto",
+        help="where calibration activations live: auto (the GPU if they fit, else host "
+        "memory), none (the device), cpu (host memory), disk (a memory-mapped file)",
+    )
+    p.add_argument("--offload-dir", metavar="DIR", help="directory of --offload disk files")
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read and write one decoder block at a time (default: whenever --model is a "
+        "safetensors checkpoint); --no-stream loads the whole model in memory",
+    )
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="output shard size when streaming (e.g. 2GB)"
     )
     p.add_argument(
         "--true-sequential",
@@ -217,9 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _common(args) -> dict:
     """Arguments prune and quantize share: calibration, placement, output."""
     keys = ("calib", "source", "nsamples", "seqlen", "seed", "sampling", "device", "dtype",
-            "batch_size", "offload", "true_sequential", "blocksize", "percdamp", "out",
-            "overwrite", "format", "bits", "group_size", "sym")  # fmt: skip
+            "batch_size", "offload", "offload_dir", "max_shard_size", "true_sequential",
+            "blocksize", "percdamp", "out", "overwrite", "format", "bits", "group_size",
+            "sym")  # fmt: skip
     return {k: getattr(args, k) for k in keys} | {
+        "stream": "auto" if args.stream is None else args.stream,
         "progress": not args.quiet,
         "command": shlex.join(["polyprune", *args.argv]),
     }

@@ -8,20 +8,15 @@ replaced only with ``overwrite``.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from polyprune.analysis import plots
-from polyprune.compress.export import check_output_dir, chmod_like_mkdir
+from polyprune.compress.export import staged_output
 
 __all__ = ["write_report"]
-
-logger = logging.getLogger(__name__)
 
 
 def _slug(text: str) -> str:
@@ -173,23 +168,9 @@ def _finite(obj):
 def write_report(metrics: dict, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write figures, report.md and metrics.json into ``out`` (atomically)."""
     metrics = _finite(metrics)
-    out = check_output_dir(out, overwrite).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    chmod_like_mkdir(tmp)
-    try:
+    out = Path(out).resolve()
+    with staged_output(out, overwrite) as tmp:
         md = _render(metrics, tmp)
         (tmp / "report.md").write_text("\n".join(md))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False) + "\n")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("wrote %s", out)
     return out

@@ -15,16 +15,29 @@ Llama; in general, the order in which the block calls them) are solved one after
 each seeing the outputs of the groups already compressed, as in the SparseGPT / GPTQ
 repositories. A pass stops as soon as the last group it needs has seen its input, so no pass
 runs more of the block than it needs.
+
+Where a block's weights come from and where they go is a :class:`BlockIO`: for a model in
+memory, ``block.to(device)`` and back; for a checkpoint streamed from disk
+(``polyprune.compress.stream``), its tensors read from the safetensors shards and, once
+compressed, written to the output shards and freed. Everything between is the same code, so the
+two paths give the same weights bit for bit.
+
+The calibration activations (two buffers of N x T x H: a block's inputs and its outputs) live
+on the compute device, in host memory, or in a memory-mapped file (``offload``), and move to the
+device one batch at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -42,7 +55,9 @@ from polyprune.models import find_blocks, get_weight, linear_layers, set_weight
 
 __all__ = [
     "METHODS",
+    "OFFLOADS",
     "QUANT_METHODS",
+    "BlockIO",
     "check_widths",
     "EngineConfig",
     "EngineReport",
@@ -50,6 +65,7 @@ __all__ = [
     "Method",
     "block_output",
     "capture_block_inputs",
+    "compress_blocks",
     "compress_model",
 ]
 
@@ -95,6 +111,9 @@ METHODS: dict[str, Method] = {
     "rtn": Method("rtn", None, lambda W, s, cfg, name, seg: rtn(W, cfg.quant)),
 }
 QUANT_METHODS = ("gptq", "rtn")
+# Where the calibration activations live: auto (the device when both buffers fit in half its
+# free memory, host memory otherwise), none (the device), cpu (host), disk (a memory map).
+OFFLOADS = ("auto", "none", "cpu", "disk")
 
 
 @dataclass(frozen=True)
@@ -106,7 +125,8 @@ class EngineConfig:
     true_sequential: bool = False
     keep_masks: bool = False
     progress: bool = True
-    offload: str = "none"  # "cpu": calibration activations in host memory, moved per batch
+    offload: str = "auto"  # one of OFFLOADS; activations move to the device per batch
+    offload_dir: str | None = None  # directory of the --offload disk memory maps (default: TMP)
     quant: QuantConfig | None = None  # gptq / rtn, or joint sparsegpt + quantisation
 
     def __post_init__(self) -> None:
@@ -116,8 +136,10 @@ class EngineConfig:
             raise InputError(
                 f"--bits works with sparsegpt (joint), gptq or rtn, not with {self.method}"
             )
-        if self.offload not in ("none", "cpu"):
-            raise InputError(f"unknown offload {self.offload!r}; allowed: none, cpu")
+        if self.offload not in OFFLOADS:
+            raise InputError(f"unknown offload {self.offload!r}; allowed: {', '.join(OFFLOADS)}")
+        if self.offload_dir is not None and not os.path.isdir(self.offload_dir):
+            raise InputError(f"offload directory {self.offload_dir!r} is not a directory")
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
         if self.batch_size < 1:
@@ -141,6 +163,7 @@ class EngineReport:
     seconds: dict[str, float] = field(default_factory=dict)
     masks: dict[str, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)
     quant: dict[str, QuantTensors] = field(default_factory=dict)  # grids of quantised Linears
+    block_seconds: list[float] = field(default_factory=list)  # load + compress + release
 
     def overall_sparsity(self) -> float:
         total = sum(r.shape[0] * r.shape[1] for r in self.layers)
@@ -164,27 +187,65 @@ class BlockInputs:
             yield slice(start, end), args, kwargs
 
 
-def _contains(module: nn.Module, target: nn.Module) -> bool:
-    return any(m is target for m in module.modules())
+Allocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def activation_allocator(cfg: EngineConfig) -> Allocator:
+    """Allocates the calibration activation buffers where ``cfg.offload`` says."""
+
+    def alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        where = cfg.offload
+        if where == "auto":
+            where = "cpu"
+            if torch.device(cfg.device).type == "cuda":
+                free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
+                # both buffers in half the free memory: the rest is for the block, its
+                # statistics and the solver's workspace
+                where = "none" if 2 * nbytes <= free // 2 else "cpu"
+        logger.debug("calibration activations %s (%.1f MiB) on %s", shape, nbytes / 2**20, where)
+        if where == "disk":
+            return _memmap(shape, dtype, cfg.offload_dir)
+        return torch.empty(shape, dtype=dtype, device=cfg.device if where == "none" else "cpu")
+
+    return alloc
+
+
+def _memmap(shape: tuple[int, ...], dtype: torch.dtype, directory: str | None) -> torch.Tensor:
+    """A tensor backed by a file mapped into memory: the kernel pages it in and out, so host
+    memory holds only what a batch touches. The file is unlinked at once; the mapping keeps its
+    space until the tensor is freed, and nothing is left behind if the run dies."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    fd, path = tempfile.mkstemp(prefix="polyprune-activations-", suffix=".bin", dir=directory)
+    os.close(fd)
+    try:
+        mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(nbytes,))
+    finally:
+        os.unlink(path)
+    return torch.from_numpy(mm).view(dtype).view(shape)
+
+
+def _outside_tensors(model: nn.Module, blocks: nn.Module) -> Iterator[tuple[dict, str]]:
+    """(owner dict, key) of every materialised parameter and buffer outside ``blocks``; tensors
+    still on the meta device (a streamed skeleton) are skipped."""
+    inside = {id(m) for m in blocks.modules()}
+    for mod in model.modules():
+        if id(mod) in inside:
+            continue
+        for table in (mod._parameters, mod._buffers):
+            for key, t in table.items():
+                if t is not None and not t.is_meta:
+                    yield table, key
 
 
 def _move_outside(model: nn.Module, blocks: nn.Module, device: torch.device | str) -> None:
     """Move every parameter and buffer of ``model`` except those of ``blocks`` to ``device``."""
-
-    def visit(mod: nn.Module) -> None:
-        for child in mod.children():
-            if child is blocks:
-                continue
-            if _contains(child, blocks):
-                visit(child)
-            else:
-                child.to(device)
-        for p in mod.parameters(recurse=False):
-            p.data = p.data.to(device)
-        for name, b in mod.named_buffers(recurse=False):
-            mod._buffers[name] = b.to(device)
-
-    visit(model)
+    for table, key in list(_outside_tensors(model, blocks)):
+        t = table[key]
+        if isinstance(t, nn.Parameter):
+            t.data = t.data.to(device)
+        else:
+            table[key] = t.to(device)
 
 
 @torch.inference_mode()
@@ -196,9 +257,10 @@ def capture_block_inputs(
     batch_size: int,
     progress: bool = True,
     storage: torch.device | str | None = None,
+    alloc: Allocator | None = None,
 ) -> BlockInputs:
     """Run the model up to block 0 on every batch of windows and keep block 0's inputs on
-    ``storage`` (default: the device the model runs on)."""
+    ``storage`` (default: the device the model runs on), or in a buffer from ``alloc``."""
     N = input_ids.shape[0]
     state: dict = {"hidden": None, "extra": {}, "slice": None}
 
@@ -206,16 +268,19 @@ def capture_block_inputs(
         kwargs = dict(kwargs)
         x = args[0] if args else kwargs.pop("hidden_states")
         if state["hidden"] is None:
-            where = x.device if storage is None else storage
-            state["hidden"] = torch.empty((N, *x.shape[1:]), dtype=x.dtype, device=where)
-        state["hidden"][state["slice"]] = x
+            shape = (N, *x.shape[1:])
+            if alloc is not None:
+                state["hidden"] = alloc(shape, x.dtype)
+            else:
+                where = x.device if storage is None else storage
+                state["hidden"] = torch.empty(shape, dtype=x.dtype, device=where)
+        state["hidden"][state["slice"]] = x.to(state["hidden"].device)
         bs = x.shape[0]
         if bs not in state["extra"]:
             state["extra"][bs] = (tuple(args[1:]), kwargs)
         raise _StopForward
 
-    in_blocks = {id(p) for p in blocks.parameters()}
-    home = next((p.device for p in model.parameters() if id(p) not in in_blocks), "cpu")
+    home = next((model_t[k].device for model_t, k in _outside_tensors(model, blocks)), "cpu")
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     _move_outside(model, blocks, device)
     try:
@@ -384,6 +449,34 @@ def check_widths(model: nn.Module, cfg: EngineConfig) -> None:
                 cfg.quant.check_width(cols, f"{prefix}.{b}.{name}")
 
 
+@dataclass
+class BlockIO:
+    """Where the engine gets a block's weights and where they go once it is compressed.
+
+    ``load(b, block)`` puts block ``b``'s weights on the compute device; ``release(b, block)``
+    takes them away again (back to host memory, or to the output shards and then freed).
+    ``capture()`` is entered while block 0's inputs are captured, for the modules before it.
+    """
+
+    load: Callable[[int, nn.Module], None]
+    release: Callable[[int, nn.Module], None]
+    capture: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def in_memory_io(device: torch.device | str) -> BlockIO:
+    """Blocks of a model held in memory: to the device and back to where they were."""
+    homes: dict[int, torch.device] = {}
+
+    def load(b: int, block: nn.Module) -> None:
+        homes[b] = next(block.parameters()).device
+        block.to(device)
+
+    def release(b: int, block: nn.Module) -> None:
+        block.to(homes.pop(b))
+
+    return BlockIO(load, release)
+
+
 def compress_model(
     model: nn.Module, input_ids: torch.Tensor | None, cfg: EngineConfig
 ) -> EngineReport:
@@ -393,56 +486,94 @@ def compress_model(
     was_training = model.training
     model.eval()
     try:
-        return _compress(model, input_ids, cfg)
+        return compress_blocks(model, input_ids, cfg, in_memory_io(cfg.device))
     finally:
         model.train(was_training)
 
 
-def _compress(model: nn.Module, input_ids: torch.Tensor | None, cfg: EngineConfig) -> EngineReport:
+@dataclass
+class _Timers:
+    statistics: float = 0.0
+    solve: float = 0.0
+    forward: float = 0.0
+
+
+def compress_blocks(
+    model: nn.Module,
+    input_ids: torch.Tensor | None,
+    cfg: EngineConfig,
+    io: BlockIO,
+    report: EngineReport | None = None,
+) -> EngineReport:
+    """The block loop shared by the in-memory and the streamed paths; ``io`` says where each
+    block comes from and goes to. Records go to ``report`` (a new one by default), which
+    ``io.release`` may read and drain (masks, quantisation grids of the block it releases)."""
     method = METHODS[cfg.method]
     prefix, blocks = find_blocks(model)
     check_widths(model, cfg)
-    report = EngineReport()
+    report = EngineReport() if report is None else report
     t_start = time.perf_counter()
 
     if method.stat is None:
         for b, block in enumerate(tqdm(blocks, desc=cfg.method, disable=not cfg.progress)):
+            t0 = time.perf_counter()
+            io.load(b, block)
             for name, mod in linear_layers(block).items():
                 _solve_group([(name, mod)], None, method, cfg, f"{prefix}.{b}", report)
+            io.release(b, block)
+            report.block_seconds.append(time.perf_counter() - t0)
         report.seconds["solve"] = time.perf_counter() - t_start
         return report
 
     if input_ids is None:
         raise InputError(f"method {cfg.method} needs calibration data (--calib)")
-    inputs = capture_block_inputs(
-        model, blocks, input_ids, cfg.device, cfg.batch_size, cfg.progress
-    )
+    alloc = activation_allocator(cfg)
+    with io.capture():
+        inputs = capture_block_inputs(
+            model, blocks, input_ids, cfg.device, cfg.batch_size, cfg.progress, alloc=alloc
+        )
     report.seconds["capture"] = time.perf_counter() - t_start
-    out = torch.empty_like(inputs.hidden)
-    t_stats = t_solve = t_forward = 0.0
+    out = alloc(tuple(inputs.hidden.shape), inputs.hidden.dtype)
+    timers = _Timers()
     structure: dict[type, list[list[str]]] = {}  # blocks of one class share their grouping
     for b, block in enumerate(tqdm(blocks, desc=cfg.method, disable=not cfg.progress)):
-        home = next(block.parameters()).device
-        block.to(cfg.device)
-        if type(block) not in structure:
-            probed = _probe_groups(block, inputs, cfg.batch_size, cfg.device)
-            structure[type(block)] = [[name for name, _ in g] for g in probed]
-        groups = [[(name, block.get_submodule(name)) for name in g] for g in structure[type(block)]]
-        phases = [[g] for g in groups] if cfg.true_sequential else [groups]
-        for phase in phases:
-            t0 = time.perf_counter()
-            stats = _collect_stats(block, inputs, phase, method.stat, cfg)
-            t1 = time.perf_counter()
-            for group, st in zip(phase, stats, strict=True):
-                _solve_group(group, st, method, cfg, f"{prefix}.{b}", report)
-            del stats
-            t_stats += t1 - t0
-            t_solve += time.perf_counter() - t1
         t0 = time.perf_counter()
-        _run_block(block, inputs, out, cfg)
-        t_forward += time.perf_counter() - t0
-        block.to(home)
+        io.load(b, block)
+        _compress_block(block, f"{prefix}.{b}", inputs, out, method, cfg, report, structure, timers)
+        io.release(b, block)
+        report.block_seconds.append(time.perf_counter() - t0)
         inputs.hidden, out = out, inputs.hidden
-    report.seconds.update(statistics=t_stats, solve=t_solve, forward=t_forward)
+    report.seconds.update(statistics=timers.statistics, solve=timers.solve, forward=timers.forward)
     report.seconds["total"] = time.perf_counter() - t_start
     return report
+
+
+def _compress_block(
+    block: nn.Module,
+    prefix: str,
+    inputs: BlockInputs,
+    out: torch.Tensor,
+    method: Method,
+    cfg: EngineConfig,
+    report: EngineReport,
+    structure: dict[type, list[list[str]]],
+    timers: _Timers,
+) -> None:
+    """Calibrate and compress one block (on the device), then write its outputs to ``out``."""
+    if type(block) not in structure:
+        probed = _probe_groups(block, inputs, cfg.batch_size, cfg.device)
+        structure[type(block)] = [[name for name, _ in g] for g in probed]
+    groups = [[(name, block.get_submodule(name)) for name in g] for g in structure[type(block)]]
+    phases = [[g] for g in groups] if cfg.true_sequential else [groups]
+    for phase in phases:
+        t0 = time.perf_counter()
+        stats = _collect_stats(block, inputs, phase, method.stat, cfg)
+        t1 = time.perf_counter()
+        for group, st in zip(phase, stats, strict=True):
+            _solve_group(group, st, method, cfg, prefix, report)
+        del stats
+        timers.statistics += t1 - t0
+        timers.solve += time.perf_counter() - t1
+    t0 = time.perf_counter()
+    _run_block(block, inputs, out, cfg)
+    timers.forward += time.perf_counter() - t0

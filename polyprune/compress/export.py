@@ -7,11 +7,13 @@ non-empty ``out`` is refused unless ``overwrite``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,11 +24,15 @@ from polyprune.errors import InputError
 
 __all__ = [
     "FORMATS",
+    "MANIFEST",
+    "MASKS",
     "check_output_dir",
-    "chmod_like_mkdir",
+    "gptq_config_files",
     "load_masks",
+    "masks_metadata",
     "save_compressed",
     "save_masks",
+    "staged_output",
 ]
 
 logger = logging.getLogger(__name__)
@@ -52,13 +58,39 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def staged_output(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """A temporary directory beside ``out`` to write into; renamed to ``out`` when the block
+    ends without an exception, removed otherwise."""
+    out = check_output_dir(out, overwrite).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    chmod_like_mkdir(tmp)
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %s", out)
+
+
+def masks_metadata(shapes: dict[str, list[int]]) -> dict[str, str]:
+    return {"format": "polyprune-masks-v1", "bitorder": "little", "shapes": json.dumps(shapes)}
+
+
 def save_masks(path: Path, masks: dict[str, tuple[torch.Tensor, tuple[int, int]]]) -> None:
     """One bit-packed uint8 tensor per Linear (row-major, little bit order); shapes in the
     safetensors metadata."""
     tensors = {name: packed.contiguous() for name, (packed, _) in masks.items()}
     shapes = {name: list(shape) for name, (_, shape) in masks.items()}
-    meta = {"format": "polyprune-masks-v1", "bitorder": "little", "shapes": json.dumps(shapes)}
-    save_file(tensors, str(path), metadata=meta)
+    save_file(tensors, str(path), metadata=masks_metadata(shapes))
 
 
 def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -76,7 +108,7 @@ def save_gptq(model, path: Path, quant: dict, quant_cfg, version: str, dtype) ->
     qweight/qzeros/scales/g_idx, everything else in ``dtype`` (the source checkpoint's, fp16
     if unknown). Returns the checkpoint format."""
     dtype = dtype or torch.float16
-    from polyprune.compress.gptq_format import gptq_quantization_config, pack_linear
+    from polyprune.compress.gptq_format import pack_linear
     from polyprune.models import get_weight
 
     v2 = any((qt.zeros == 0).any() for qt in quant.values())
@@ -100,10 +132,16 @@ def save_gptq(model, path: Path, quant: dict, quant_cfg, version: str, dtype) ->
         tensors.update({f"{name}.{k}": v.contiguous() for k, v in packed.items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"),
               metadata={"format": "pt"})  # fmt: skip
+    return gptq_config_files(model.config.to_dict(), path, quant_cfg, v2, version, dtype)
+
+
+def gptq_config_files(config: dict, path: Path, quant_cfg, v2: bool, version: str, dtype) -> str:
+    """config.json with its ``quantization_config``, and quantize_config.json; returns the
+    checkpoint format."""
+    from polyprune.compress.gptq_format import gptq_quantization_config
+
     qc = gptq_quantization_config(quant_cfg, v2, version)
-    config = model.config.to_dict()
-    config["quantization_config"] = qc
-    config["dtype"] = str(dtype).removeprefix("torch.")
+    config = dict(config, quantization_config=qc, dtype=str(dtype).removeprefix("torch."))
     config.pop("torch_dtype", None)
     (path / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     (path / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
@@ -122,40 +160,27 @@ def save_compressed(
     quant: dict | None = None,
     quant_cfg=None,
 ) -> Path:
-    out = check_output_dir(out, overwrite).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    chmod_like_mkdir(tmp)
     run_dtype = next(model.parameters()).dtype
     try:
-        # Saved in the checkpoint's own dtype; the model object is cast back afterwards, so
-        # what the caller holds equals what is on disk.
-        if format == "gptq":
-            version = manifest.get("version", "")
-            fmt = save_gptq(model, tmp, quant, quant_cfg, version, dtype)
-            manifest.setdefault("quantization", {})["checkpoint_format"] = fmt
-        else:
-            if quant:  # dequantised weights are exact in fp32 only (fp16 scale x integer)
-                dtype = torch.float32
-            if dtype is not None and run_dtype != dtype:
-                model.to(dtype)
-            model.save_pretrained(tmp, safe_serialization=True)
-            model.to(run_dtype)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if masks:
-            save_masks(tmp / MASKS, masks)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        with staged_output(out, overwrite) as tmp:
+            # Saved in the checkpoint's own dtype; the model object is cast back afterwards,
+            # so what the caller holds equals what is on disk.
+            if format == "gptq":
+                version = manifest.get("version", "")
+                fmt = save_gptq(model, tmp, quant, quant_cfg, version, dtype)
+                manifest.setdefault("quantization", {})["checkpoint_format"] = fmt
+            else:
+                if quant:  # dequantised weights are exact in fp32 only (fp16 scale x integer)
+                    dtype = torch.float32
+                if dtype is not None and run_dtype != dtype:
+                    model.to(dtype)
+                model.save_pretrained(tmp, safe_serialization=True)
+                model.to(run_dtype)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if masks:
+                save_masks(tmp / MASKS, masks)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    finally:
         model.to(run_dtype)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("wrote %s", out)
-    return out
+    return Path(out).resolve()
