@@ -31,10 +31,9 @@ logger = logging.getLogger(__name__)
 
 MKQA_URL = "https://github.com/apple/ml-mkqa/raw/main/dataset/mkqa.jsonl.gz"
 # Our language codes -> MKQA's (Chinese: simplified, as in the paper).
-MKQA_LANGS = {
-    code: code
-    for code in "ar da de en es fi fr he hu it ja km ko ms nl no pl pt ru sv th tr vi".split()
-} | {"zh": "zh_cn"}
+_SAME_CODE = ("ar", "da", "de", "en", "es", "fi", "fr", "he", "hu", "it", "ja", "km", "ko",
+              "ms", "nl", "no", "pl", "pt", "ru", "sv", "th", "tr", "vi")  # fmt: skip
+MKQA_LANGS = {code: code for code in _SAME_CODE} | {"zh": "zh_cn"}
 SHORT_ANSWER_TYPES = frozenset(
     {"entity", "short_phrase", "date", "number", "number_with_unit", "binary"}
 )
