@@ -178,8 +178,7 @@ def heatmap(t: Table, path: str | os.PathLike) -> None:
     best = t.best()
     R, C = t.mean.shape
     fig, ax = plt.subplots(figsize=(1.3 * C + 2.0, 0.5 * R + 1.4))
-    cmap = matplotlib.colormaps["RdYlGn"].copy()
-    cmap.set_bad("#dddddd")
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd")
     ax.imshow(np.ma.masked_invalid(scores), cmap=cmap, vmin=0, vmax=1, aspect="auto")
     for i in range(R):
         for j in range(C):
