@@ -96,6 +96,7 @@ def test_expansion_gives_one_cell_per_data_free_level(tmp_path):
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
+    pytest.importorskip("lm_eval")
     tmp = tmp_path_factory.mktemp("local")
     cfg = write_config(tmp)
     t = time.perf_counter()

@@ -143,7 +143,7 @@ def run_tasks(
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
     except ImportError as e:
-        raise InputError("lm-eval tasks need the package lm-eval (pip install lm-eval)") from e
+        raise InputError("lm-eval tasks need lm-eval: pip install 'polyprune[eval]'") from e
 
     # lm-eval logs a warning per custom-data task and per in-memory model; ours say enough.
     if not logger.isEnabledFor(logging.DEBUG):
