@@ -212,3 +212,17 @@ def test_tables_only_needs_a_store(tmp_path, capsys):
     cfg = write_config(tmp_path)
     assert cli("matrix", cfg, "--tables-only", "-q") == 2
     assert "no results store" in capsys.readouterr().err
+
+
+def test_an_unavailable_task_is_reported_and_the_cell_still_finishes(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    path = write_config(
+        tmp_path, methods=["magnitude"], dense_baseline=False, mixes=None, seeds=None,
+        eval__tasks=["ppl", "belebele"], eval__langs=["sw"],
+    )  # fmt: skip
+    assert cli("matrix", path, "-q") == 0
+    out = capsys.readouterr().out
+    assert "1 run now, 0 failed" in out
+    assert "unavailable belebele/sw: belebele_swh_Latn" in out
+    rows = rows_by_key(load_config(path).store_path)
+    assert list(rows) == [("demo", "magnitude", "0.5", "-", None, "ppl", "sw", "ppl")]

@@ -426,6 +426,10 @@ def _run_local(cells, store, report, progress):
             logger.error("%s failed: %s", cell.label, e)
             report.failed.append((cell, str(e)))
             continue
+        except Exception as e:  # e.g. CUDA out of memory: the other cells may still run
+            logger.exception("%s failed", cell.label)
+            report.failed.append((cell, f"{type(e).__name__}: {e}"))
+            continue
         _store_result(store, cell, result, report)
 
 
