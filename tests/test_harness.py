@@ -105,6 +105,8 @@ def test_nextsent_items_hold_the_true_next_sentence_among_distractors_of_other_p
     assert set(labels) == {0, 1, 2, 3}
     first = items[0]
     assert first.context == docs[0][0]
+    long = next(it for it in items if it.context.count(". ") >= 2)
+    assert long.context.count(". ") == 2  # at most three sentences of context
     assert first.choices[first.label] == " " + docs[0][1]
     others = {s for d in docs[1:] for s in d}
     for j, c in enumerate(first.choices):

@@ -1,7 +1,7 @@
 """An offline multiple-choice task from held-out text: pick the true next sentence.
 
-Each item takes a held-out paragraph of one language, shows its first ``k`` sentences and asks
-for sentence ``k + 1`` among four: the true one and three sentences of *other* held-out
+Each item takes a held-out paragraph of one language, shows sentences ``k - 2 .. k`` of it and
+asks for sentence ``k + 1`` among four: the true one and three sentences of *other* held-out
 paragraphs of the same language, at a seeded random position. A model that has learnt the
 language and follows the topic scores well above chance (25%); one that has lost the language
 falls towards it. The text is the held-out split of a source (``polyprune.data.sources``),
@@ -31,6 +31,9 @@ _SENTENCE_END = re.compile(r"(?<=[.!?؟])\s+|(?<=[。！？])\s*")
 # Scripts written without spaces between sentences.
 NO_SPACE_LANGS = frozenset({"zh", "ja", "th", "km", "lo", "my"})
 N_CHOICES = 4
+# The context is at most the 3 sentences before the answer: enough to carry the topic, and
+# short enough for small context windows (the demo model has 512 positions).
+CONTEXT_SENTENCES = 3
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,11 @@ def nextsent_items(
             label = int(rng.integers(N_CHOICES))
             choices.insert(label, target)
             items.append(
-                NextSentenceItem(sep.join(sents[:k]), tuple(sep + c for c in choices), label)
+                NextSentenceItem(
+                    sep.join(sents[max(0, k - CONTEXT_SENTENCES) : k]),
+                    tuple(sep + c for c in choices),
+                    label,
+                )
             )
     if not items:
         raise InputError(f"no held-out paragraph of {lang!r} has two sentences for the task")
