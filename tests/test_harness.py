@@ -172,3 +172,17 @@ def test_mkqa_generates_through_lm_eval_from_a_local_copy(demo, tmp_path, monkey
     assert set(scores) == {"f1", "exact_match"} and scores["f1"].n == 2
     assert 0.0 <= scores["f1"].value <= 1.0
     assert scores["exact_match"].value <= scores["f1"].value
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("Er sagte: „Nein.“ Dann ging er. Es kostet 3.5 Euro! Wirklich?",
+         ["Er sagte: „Nein.“", "Dann ging er.", "Es kostet 3.5 Euro!", "Wirklich?"]),
+        ("她说：“为什么？”我不知道。好。", ["她说：“为什么？”", "我不知道。", "好。"]),
+        ("هل أنت هنا؟ نعم.", ["هل أنت هنا؟", "نعم."]),
+        ("No end", ["No end"]),
+    ],
+)  # fmt: skip
+def test_sentences_keep_closing_quotes_and_numbers(text, want):
+    assert sentences(text) == want

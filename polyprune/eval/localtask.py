@@ -25,9 +25,10 @@ __all__ = ["NextSentenceItem", "load_nextsent", "nextsent_items", "sentences"]
 
 logger = logging.getLogger(__name__)
 
-# End of a sentence: ., !, ?, and their CJK / Arabic forms. Spaces after them are dropped;
-# CJK text has none.
-_SENTENCE_END = re.compile(r"(?<=[.!?؟])\s+|(?<=[。！？])\s*")
+# End of a sentence: ., !, ?, their CJK / Arabic forms, and any closing quotes or brackets.
+_TERMINATOR = re.compile(r"[.!?؟。！？]+[\"'“”‘’»」』）)\]]*")
+_CJK_END = frozenset("。！？")
+_HAS_WORD = re.compile(r"\w")
 # Scripts written without spaces between sentences.
 NO_SPACE_LANGS = frozenset({"zh", "ja", "th", "km", "lo", "my"})
 N_CHOICES = 4
@@ -44,8 +45,27 @@ class NextSentenceItem:
 
 
 def sentences(paragraph: str) -> list[str]:
-    """Sentences of a paragraph, stripped, empty ones dropped."""
-    return [s.strip() for s in _SENTENCE_END.split(paragraph) if s and s.strip()]
+    """Sentences of a paragraph, stripped. A sentence ends at a terminator (with its closing
+    quotes) followed by a space, or at a CJK terminator; a piece without a word character (a
+    stray quote) joins the sentence before it."""
+    out: list[str] = []
+    start = 0
+    for m in _TERMINATOR.finditer(paragraph):
+        end = m.end()
+        if end < len(paragraph) and not paragraph[end].isspace() and m.group()[0] not in _CJK_END:
+            continue  # "3.5", "z.B.", "U.S.A": no sentence end inside a word
+        out.append(paragraph[start:end])
+        start = end
+    out.append(paragraph[start:])
+    merged: list[str] = []
+    for piece in (p.strip() for p in out):
+        if not piece:
+            continue
+        if merged and not _HAS_WORD.search(piece):
+            merged[-1] += piece
+        else:
+            merged.append(piece)
+    return merged
 
 
 def nextsent_items(
