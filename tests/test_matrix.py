@@ -2,6 +2,7 @@
 SIGKILLed run that resumes, and the Ray executor giving the rows of the local one."""
 
 import json
+import math
 import signal
 import sqlite3
 import subprocess
@@ -10,11 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from polyprune.cli import main
 from polyprune.eval.matrix import expand, load_config
-from polyprune.eval.perplexity import perplexity
+from polyprune.eval.perplexity import heldout_stream, perplexity
 from polyprune.eval.store import ResultStore
 from polyprune.models import load_model
 
@@ -226,3 +228,46 @@ def test_an_unavailable_task_is_reported_and_the_cell_still_finishes(tmp_path, c
     assert "unavailable belebele/sw: belebele_swh_Latn" in out
     rows = rows_by_key(load_config(path).store_path)
     assert list(rows) == [("demo", "magnitude", "0.5", "-", None, "ppl", "sw", "ppl")]
+
+
+def hooked_block_outputs(model, ids):
+    """Outputs of every decoder block, captured by forward hooks (not the engine's capture)."""
+    outs, hooks = [], []
+    for layer in model.model.layers:
+        hooks.append(layer.register_forward_hook(
+            lambda m, a, out: outs.append((out[0] if isinstance(out, tuple) else out).double())
+        ))  # fmt: skip
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return outs
+
+
+def test_analyses_store_snr_and_pruning_error_against_the_dense_model(tmp_path):
+    path = write_config(
+        tmp_path, methods=["magnitude"], dense_baseline=False, mixes=None, seeds=None,
+        eval__tasks=["ppl"], eval__langs=["de"], analyses=["snr", "error"],
+    )  # fmt: skip
+    cfg = load_config(path)
+    assert cli("matrix", path, "-q") == 0
+    rows = rows_by_key(cfg.store_path)
+    key = ("demo", "magnitude", "0.5", "-", None)
+    snr, pe = rows[(*key, "snr", "de", "snr_db")], rows[(*key, "error", "de", "pruning_error")]
+
+    dense = load_model("demo")
+    (cell,) = expand(cfg)
+    pruned = load_model(cell.compressed_dir(), tokenizer=False).model
+    stream = heldout_stream(dense.tokenizer, "de", "bundled", cfg.eval.ppl.max_tokens)
+    T = cfg.eval.ppl.seqlen
+    ids = stream[: len(stream) // T * T].view(-1, T)
+    snrs, pes = [], []
+    outs = hooked_block_outputs(dense.model, ids), hooked_block_outputs(pruned, ids)
+    for h, h2 in zip(*outs, strict=True):
+        err = ((h - h2) ** 2).sum().item()
+        snrs.append(10 * math.log10((h**2).sum().item() / err))
+        c = h.norm(dim=-1).mean().item()
+        pes.append(err / (h.shape[0] * h.shape[1] * h.shape[2]) / c**2)
+    assert snr == pytest.approx(sum(snrs) / len(snrs), rel=1e-4)
+    assert pe == pytest.approx(sum(pes) / len(pes), rel=1e-4)
+    assert 0 < snr < 60

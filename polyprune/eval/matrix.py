@@ -36,6 +36,7 @@ Config (paths relative to the current directory)::
     device: cpu
     dtype: auto
     keep_compressed: true            # false: compress in memory, write nothing
+    analyses: [snr, error]           # optional: hidden-state SNR / pruning error vs dense
     executor: {address: auto, num_cpus: 1, num_gpus: 1}   # Ray only
 """
 
@@ -74,6 +75,9 @@ logger = logging.getLogger(__name__)
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 QUANT_METHODS = ("gptq", "rtn")
 DATA_FREE = ("magnitude", "rtn")
+# Diagnostics of compressed vs dense hidden states per evaluation language (polyprune.analysis)
+ANALYSES = {"snr": "snr_db", "error": "pruning_error"}
+ANALYSIS_WINDOWS = 16  # held-out windows per language: enough for stable layer sums
 EXECUTORS = ("local", "ray")
 # Environment a Ray worker needs to see as the driver does (offline flags, caches, mirrors).
 _FORWARD_ENV = (
@@ -143,6 +147,7 @@ class MatrixConfig:
     device: str = "cpu"
     dtype: str = "auto"
     keep_compressed: bool = True
+    analyses: tuple[str, ...] = ()
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
 
     @property
@@ -171,7 +176,11 @@ class MatrixConfig:
         ex = ExecutorSettings(**_take("executor", raw.pop("executor", None), ExecutorSettings))
         raw["models"] = _list("models", raw["models"], str)
         raw["methods"] = _list("methods", raw["methods"], str)
-        for key, kind in (("mixes", str), ("seeds", int), ("sparsities", float), ("bits", int)):
+        if raw.get("analyses") == []:
+            raw["analyses"] = ()
+        pairs = (("mixes", str), ("seeds", int), ("sparsities", float), ("bits", int),
+                 ("analyses", str))  # fmt: skip
+        for key, kind in pairs:
             if key in raw:
                 kind = (int, float) if kind is float else kind
                 raw[key] = _list(key, raw[key], kind)
@@ -193,6 +202,9 @@ class MatrixConfig:
                 raise InputError(f"config: unknown method {m!r}; allowed: {allowed}")
         for model in self.models:
             resolve_model_path(model)
+        for a in self.analyses:
+            if a not in ANALYSES:
+                raise InputError(f"config: unknown analysis {a!r}; allowed: {', '.join(ANALYSES)}")
         pattern = Pattern.parse(self.pattern)
         for s in self.sparsities:
             if not 0 <= s < 1:
@@ -282,8 +294,9 @@ class Cell:
         return c
 
     def config(self) -> dict:
-        """The cell's full config: compression and evaluation."""
-        return self.compress_config() | {"eval": asdict(self.cfg.eval)}
+        """The cell's full config: compression, evaluation and analyses."""
+        extra = {"analyses": list(self.cfg.analyses)} if self.cfg.analyses else {}
+        return self.compress_config() | {"eval": asdict(self.cfg.eval)} | extra
 
     @property
     def cell_id(self) -> str:
@@ -389,6 +402,36 @@ def _compressed_model(cell: Cell, progress: bool):
     return model, False
 
 
+def analyse(model, tokenizer, cell: Cell) -> list[ResultRow]:
+    """Model SNR (mean over layers, dB) and mean pruning error of the compressed model's hidden
+    states against the dense model's, on held-out windows of each evaluation language."""
+    from polyprune.analysis.hidden import compare_hidden_states
+    from polyprune.analysis.snr import model_snr
+    from polyprune.eval.perplexity import heldout_stream
+    from polyprune.models import load_model, max_positions
+
+    cfg, ppl = cell.cfg, cell.cfg.eval.ppl
+    dense = load_model(cell.model, cfg.device, cfg.dtype, tokenizer=False).model
+    seqlen = ppl.seqlen or min(max_positions(dense.config) or 2048, 2048)
+    budget = ANALYSIS_WINDOWS * seqlen
+    rows = []
+    for lang in cfg.eval.langs:
+        stream = heldout_stream(tokenizer, lang, ppl.source, min(ppl.max_tokens or budget, budget))
+        n = len(stream) // seqlen
+        if n == 0:
+            raise InputError(f"too little held-out {lang} text for one {seqlen}-token window")
+        windows = stream[: n * seqlen].view(n, seqlen)  # (N, T)
+        stats = compare_hidden_states(dense, {"c": model}, windows, cfg.eval.batch_size,
+                                      cfg.device, progress=False)["c"]  # fmt: skip
+        tokens = n * seqlen
+        if "snr" in cfg.analyses:
+            rows.append(ResultRow("snr", lang, "snr_db", model_snr(stats), tokens))
+        if "error" in cfg.analyses:
+            pe = sum(layer.pruning_error for layer in stats) / len(stats)
+            rows.append(ResultRow("error", lang, "pruning_error", pe, tokens))
+    return rows
+
+
 def run_cell(cell: Cell, progress: bool = False) -> CellResult:
     """Compress (or reuse) and evaluate one cell. Pure of the store: the caller writes it."""
     from polyprune.models import load_tokenizer
@@ -397,6 +440,8 @@ def run_cell(cell: Cell, progress: bool = False) -> CellResult:
     model, reused = _compressed_model(cell, progress)
     tokenizer = load_tokenizer(cell.model)
     rows, unavailable = evaluate_model(model, tokenizer, cell.cfg.eval, cell.cfg.device, progress)
+    if cell.cfg.analyses and cell.method != "dense":
+        rows += analyse(model, tokenizer, cell)
     return CellResult(cell.cell_id, rows, time.perf_counter() - t0, unavailable, reused)
 
 

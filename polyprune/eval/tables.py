@@ -28,12 +28,13 @@ __all__ = ["Table", "build_tables", "heatmap", "to_csv", "to_markdown", "write_t
 logger = logging.getLogger(__name__)
 
 DENSE = "dense"
-LOWER_IS_BETTER = frozenset({"ppl"})
+LOWER_IS_BETTER = frozenset({"ppl", "pruning_error"})
 
 
 def primary_metric(task: str) -> str:
     """The metric a table shows for a task (all metrics are kept in the store)."""
-    return {"ppl": "ppl", "mkqa": "f1"}.get(task, "acc")
+    special = {"ppl": "ppl", "mkqa": "f1", "snr": "snr_db", "error": "pruning_error"}
+    return special.get(task, "acc")
 
 
 @dataclass
@@ -118,7 +119,8 @@ def build_tables(rows: list[dict]) -> list[Table]:
 def _fmt(t: Table, i: int, j: int) -> str:
     if np.isnan(t.mean[i, j]):
         return "–"
-    digits = 2 if t.metric in LOWER_IS_BETTER else 3
+    digits = {"acc": 3, "acc_norm": 3, "f1": 3, "exact_match": 3, "pruning_error": 4}
+    digits = digits.get(t.metric, 2)
     text = f"{t.mean[i, j]:.{digits}f}"
     if t.n[i, j] > 1:
         text += f" ± {t.std[i, j]:.{digits}f}"
