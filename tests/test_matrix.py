@@ -69,6 +69,11 @@ def rows_by_key(store_path: Path) -> dict:
         ({"eval__tasks": ["ppl", "squad"]}, "unknown task 'squad'"),
         ({"sparsities": [1.5]}, "outside [0, 1)"),
         ({"models": None}, "missing key 'models'"),
+        ({"dense_baseline": "yes"}, "dense_baseline must be bool"),
+        ({"calibration__nsamples": "8"}, "nsamples in calibration must be int"),
+        ({"sparsities": ["half"]}, "entry 'half' is not a number"),
+        ({"analyses": ["lape"]}, "unknown analysis 'lape'"),
+        ({"executor__gpus": 1}, "unknown key 'gpus' in executor"),
     ],
 )
 def test_config_errors_exit_2_with_one_line_before_any_work(tmp_path, capsys, changes, message):

@@ -89,17 +89,30 @@ _FORWARD_ENV = (
 # ----------------------------------------------------------------------------- config
 
 
+_SCALARS = {"str": str, "int": int, "float": (int, float), "bool": bool, "None": type(None)}
+
+
 def _take(section: str, raw, cls):
-    """Build dataclass ``cls`` from mapping ``raw``, rejecting keys it does not have."""
+    """Check mapping ``raw`` against dataclass ``cls``: no unknown key, and scalar values of
+    the annotated type (``int | None`` etc.); lists and sections are checked by the caller."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise InputError(f"config: {section} must be a mapping, got {type(raw).__name__}")
-    allowed = [f.name for f in fields(cls)]
-    for k in raw:
-        if k not in allowed:
-            where = f" in {section}" if section else ""
-            raise InputError(f"config: unknown key {k!r}{where}; allowed: {', '.join(allowed)}")
+    annotations = {f.name: str(f.type) for f in fields(cls)}
+    where = f" in {section}" if section else ""
+    for k, v in raw.items():
+        if k not in annotations:
+            allowed = ", ".join(annotations)
+            raise InputError(f"config: unknown key {k!r}{where}; allowed: {allowed}")
+        names = [t.strip() for t in annotations[k].split("|")]
+        if not all(n in _SCALARS for n in names):
+            continue
+        ok = any(
+            isinstance(v, _SCALARS[n]) and (n == "bool" or not isinstance(v, bool)) for n in names
+        )
+        if not ok:
+            raise InputError(f"config: {k}{where} must be {annotations[k]}, got {v!r}")
     return raw
 
 
@@ -109,7 +122,8 @@ def _list(name: str, value, kind) -> tuple:
         raise InputError(f"config: {name} must be a non-empty list")
     for v in value:
         if not isinstance(v, kind) or isinstance(v, bool):
-            raise InputError(f"config: {name} entry {v!r} is not a {kind.__name__}")
+            what = "number" if kind == (int, float) else kind.__name__
+            raise InputError(f"config: {name} entry {v!r} is not a {what}")
     return tuple(value)
 
 
@@ -176,8 +190,8 @@ class MatrixConfig:
         ex = ExecutorSettings(**_take("executor", raw.pop("executor", None), ExecutorSettings))
         raw["models"] = _list("models", raw["models"], str)
         raw["methods"] = _list("methods", raw["methods"], str)
-        if raw.get("analyses") == []:
-            raw["analyses"] = ()
+        if raw.get("analyses") in ([], None):
+            raw.pop("analyses", None)
         pairs = (("mixes", str), ("seeds", int), ("sparsities", float), ("bits", int),
                  ("analyses", str))  # fmt: skip
         for key, kind in pairs:
