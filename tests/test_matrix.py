@@ -276,3 +276,31 @@ def test_analyses_store_snr_and_pruning_error_against_the_dense_model(tmp_path):
     assert snr == pytest.approx(sum(snrs) / len(snrs), rel=1e-4)
     assert pe == pytest.approx(sum(pes) / len(pes), rel=1e-4)
     assert 0 < snr < 60
+
+
+def test_a_finished_compressed_output_is_reused_only_when_its_manifest_matches(tmp_path):
+    path = write_config(
+        tmp_path, methods=["magnitude"], dense_baseline=False, mixes=None, seeds=None,
+        eval__tasks=["ppl"], eval__langs=["de"],
+    )  # fmt: skip
+    cfg = load_config(path)
+    assert cli("matrix", path, "-q") == 0
+    first = rows_by_key(cfg.store_path)
+    (cell,) = expand(cfg)
+    weights = cell.compressed_dir() / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+
+    cfg.store_path.unlink()  # the store is lost, the compressed model is not: reused
+    assert cli("matrix", path, "-q") == 0
+    assert rows_by_key(cfg.store_path) == first
+    assert weights.stat().st_mtime_ns == stamp
+
+    manifest = cell.compressed_dir() / "polyprune.json"
+    m = json.loads(manifest.read_text())
+    m["settings"]["sparsity"] = 0.6  # not this cell's output any more: compressed again
+    manifest.write_text(json.dumps(m))
+    cfg.store_path.unlink()
+    assert cli("matrix", path, "-q") == 0
+    assert rows_by_key(cfg.store_path) == pytest.approx(first)
+    assert weights.stat().st_mtime_ns != stamp
+    assert json.loads(manifest.read_text())["settings"]["sparsity"] == 0.5
