@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from polyprune.errors import InputError
 from polyprune.eval.store import ResultRow
 
@@ -73,6 +75,10 @@ def evaluate_model(
     from polyprune.eval.harness import HarnessConfig, run_tasks
     from polyprune.eval.perplexity import perplexity
 
+    # Models are loaded and compressed on the CPU (the engine streams blocks to the GPU);
+    # evaluation runs the whole model on ``device``.
+    if next(model.parameters()).device != torch.device(device):
+        model.to(device)
     rows: list[ResultRow] = []
     if "ppl" in ev.tasks:
         ppl = perplexity(model, tokenizer, list(ev.langs), ev.ppl.source, ev.ppl.seqlen,
