@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check polyprune tests scripts
 
 test: lint
-	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 --dist loadgroup -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q tests
 
 bench: $(STAMP)
 	$(PY) scripts/bench_prune.py

@@ -101,17 +101,25 @@ def test_expansion_gives_one_cell_per_data_free_level(tmp_path):
     assert len({c.cell_id for c in expand(cfg)}) == len(labels)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_run(tmp_path_factory):
+    """The demo matrix run once for the whole test session, shared by the xdist workers through
+    a lock in their common temporary root: it is the most expensive part of the suite."""
     pytest.importorskip("lm_eval")
-    tmp = tmp_path_factory.mktemp("local")
-    cfg = write_config(tmp)
-    t = time.perf_counter()
-    assert cli("matrix", cfg, "-q") == 0
-    return cfg, load_config(cfg), time.perf_counter() - t
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / "polyprune-local-matrix"
+    root.mkdir(exist_ok=True)
+    with FileLock(str(root / "lock")):
+        cfg, timing = root / "m.yaml", root / "seconds.json"
+        if not timing.is_file():
+            cfg = write_config(root)
+            t = time.perf_counter()
+            assert cli("matrix", cfg, "-q") == 0
+            timing.write_text(json.dumps(time.perf_counter() - t))
+        return cfg, load_config(cfg), json.loads(timing.read_text())
 
 
-@pytest.mark.xdist_group("matrix")
 def test_matrix_fills_the_store_with_one_row_per_cell_task_language_metric(local_run):
     _, cfg, _ = local_run
     rows = rows_by_key(cfg.store_path)
@@ -129,7 +137,6 @@ def test_matrix_fills_the_store_with_one_row_per_cell_task_language_metric(local
     assert (cfg.tables_dir / "demo__wanda-0.5__ppl-ppl.png").is_file()
 
 
-@pytest.mark.xdist_group("matrix")
 def test_stored_perplexities_equal_a_direct_evaluation(local_run):
     _, cfg, _ = local_run
     rows = rows_by_key(cfg.store_path)
@@ -147,7 +154,6 @@ def test_stored_perplexities_equal_a_direct_evaluation(local_run):
     assert direct > rows[("demo", "dense", "dense", "-", None, "ppl", "de", "ppl")]
 
 
-@pytest.mark.xdist_group("matrix")
 def test_a_second_run_does_no_work(local_run, capsys):
     path, cfg, first_seconds = local_run
     before = rows_by_key(cfg.store_path)
@@ -202,7 +208,6 @@ def test_a_run_killed_after_its_first_cell_resumes_without_duplicates(tmp_path):
     assert len(keys) == len(set(keys)) == CELLS * ROWS_PER_CELL
 
 
-@pytest.mark.xdist_group("matrix")
 def test_the_ray_executor_yields_the_rows_of_the_local_one(local_run, tmp_path):
     pytest.importorskip("ray")
     _, local_cfg, _ = local_run
