@@ -12,7 +12,7 @@ DEMO_OUT ?= runs/demo-sparsegpt-de-en
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,eval,ray]"
 	touch $(STAMP)
 
 # The main job on the bundled demo model: SparseGPT at 50% calibrated on German + English

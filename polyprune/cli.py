@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 
@@ -223,7 +224,115 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--model", help="tokenise with this model's tokenizer and fingerprint")
     for a in ("source", "nsamples", "seqlen", "seed", "sampling"):
         show._add_action(next(x for x in p._actions if x.dest == a))
+    _add_eval_commands(sub, common)
     return ap
+
+
+# --- eval and matrix (issue 7) ------------------------------------------------------------
+
+
+def _add_eval_commands(sub, common: argparse.ArgumentParser) -> None:
+    e = sub.add_parser(
+        "eval", parents=[common], help="perplexity and lm-eval tasks per language, to JSON"
+    )
+    e.add_argument("--model", required=True, help="hub id, local HF directory, or demo")
+    e.add_argument("--langs", required=True, help="evaluation languages, e.g. de,en,sw")
+    e.add_argument(
+        "--tasks",
+        default="ppl",
+        help="ppl and/or lm-eval task families: nextsent (offline), belebele, arc, hellaswag, "
+        "mmlu, xnli, xcopa, xstorycloze, mkqa",
+    )
+    e.add_argument("--out", required=True, metavar="FILE.json")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    e.add_argument("--source", default="bundled", help="held-out text for ppl: bundled, mc4, DIR")
+    e.add_argument("--seqlen", type=int, default=None, help="ppl window (default: model max)")
+    e.add_argument("--max-tokens", type=int, default=None, help="held-out tokens per language")
+    e.add_argument("--limit", type=int, default=None, help="lm-eval examples per task")
+    e.add_argument("--num-fewshot", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    e.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), float32, bfloat16, ...")
+
+    m = sub.add_parser(
+        "matrix", parents=[common], help="run an evaluation matrix from a YAML config"
+    )
+    m.add_argument("config", metavar="CONFIG.yaml")
+    m.add_argument("--executor", choices=["local", "ray"], default="local")
+    m.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a matrix (the default: finished cells in the store are never redone)",
+    )
+    m.add_argument("--dry-run", action="store_true", help="list the cells and which are done")
+    m.add_argument(
+        "--tables-only", action="store_true", help="only regenerate tables from the store"
+    )
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _quiet_bars(args) -> None:
+    if args.quiet:  # lm-eval's own progress bars read tqdm's environment switch
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def _cmd_eval(args) -> int:
+    from polyprune.eval.evaluate import EvalSettings, PplSettings, evaluate, write_json
+
+    _quiet_bars(args)
+    ev = EvalSettings(
+        langs=_split(args.langs), tasks=_split(args.tasks),
+        ppl=PplSettings(args.source, args.seqlen, args.max_tokens), limit=args.limit,
+        num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+    )  # fmt: skip
+    ev.check()
+    if os.path.exists(args.out) and not args.overwrite:
+        raise InputError(f"output {args.out!r} exists; use --overwrite")
+    report = evaluate(args.model, ev, args.device, args.dtype, progress=not args.quiet)
+    report["command"] = shlex.join(["polyprune", *args.argv])
+    write_json(report, args.out, args.overwrite)
+    for r in report["results"]:
+        print(f"{r['task']:<12}{r['lang']:<6}{r['metric']:<10}{r['value']:>10.4f}")
+    for u in report["unavailable"]:
+        print(f"{u['task']:<12}{u['lang']:<6}unavailable: {u['reason']}")
+    print(f"written to  {args.out}")
+    return 0
+
+
+def _cmd_matrix(args) -> int:
+    from polyprune.eval.matrix import load_config, run_matrix
+    from polyprune.eval.store import ResultStore
+    from polyprune.eval.tables import write_tables
+
+    _quiet_bars(args)
+    cfg = load_config(args.config)
+    if not args.tables_only:
+        report = run_matrix(cfg, args.executor, dry_run=args.dry_run, progress=not args.quiet)
+        if args.dry_run:
+            done = {c.cell_id for c in report.done_before}
+            for c in report.cells:
+                print(f"{'done' if c.cell_id in done else 'todo':<6}{c.cell_id}  {c.label}")
+            print(f"{len(report.cells)} cells, {len(done)} done")
+            return 0
+        print(f"{len(report.cells)} cells: {len(report.done_before)} done before, "
+              f"{len(report.ran)} run now, {len(report.failed)} failed")  # fmt: skip
+        for cell, why in report.failed:
+            print(f"failed  {cell.label}: {why}")
+    if not cfg.store_path.is_file():
+        raise InputError(f"no results store at {cfg.store_path}; run the matrix first")
+    with ResultStore(cfg.store_path) as store:
+        written = write_tables(store.results(), cfg.tables_dir)
+        missing = {
+            (u["task"], u["lang"], u["reason"]) for c in store.cells() for u in c["unavailable"]
+        }
+    for task, lang, why in sorted(missing):
+        print(f"unavailable {task}/{lang}: {why}")
+    print(f"tables      {cfg.tables_dir} ({len(written)} files)")
+    print(f"store       {cfg.store_path}")
+    return 1 if not args.tables_only and report.failed else 0
 
 
 def _common(args) -> dict:
@@ -386,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_data(args)
         if args.command == "analyze":
             return _cmd_analyze(args)
+        if args.command in ("eval", "matrix"):
+            return _cmd_eval(args) if args.command == "eval" else _cmd_matrix(args)
     except InputError as e:
         sys.stderr.write(f"polyprune {args.command}: error: {e}\n")
         return 2

@@ -161,6 +161,9 @@ def save_compressed(
     quant_cfg=None,
 ) -> Path:
     run_dtype = next(model.parameters()).dtype
+    # Buffers (e.g. rotary inv_freq) are not saved but are cast with the model: a round trip
+    # through bf16 would change the model's outputs (perplexity by 1e-4 on the demo model).
+    buffers = {name: b.clone() for name, b in model.named_buffers() if b.is_floating_point()}
     try:
         with staged_output(out, overwrite) as tmp:
             # Saved in the checkpoint's own dtype; the model object is cast back afterwards,
@@ -183,4 +186,12 @@ def save_compressed(
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     finally:
         model.to(run_dtype)
+        _restore_buffers(model, buffers)
     return Path(out).resolve()
+
+
+def _restore_buffers(model, buffers: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name in buffers:
+                b.copy_(buffers[name])

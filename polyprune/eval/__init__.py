@@ -1,1 +1,3 @@
-"""Evaluation: per-language perplexity (and, later, tasks and matrices)."""
+"""Evaluation: per-language perplexity (``perplexity``), lm-eval tasks per language
+(``harness``, with our ``nextsent`` and ``mkqa`` tasks in ``tasks/``), ``polyprune eval``
+(``evaluate``), evaluation matrices (``matrix``, ``store``) and their tables (``tables``)."""

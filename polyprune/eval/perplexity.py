@@ -75,7 +75,7 @@ def stream_perplexity(
         nll += loss.item()
         count += x[:, 1:].numel()
     model.train(was_training)
-    return math.exp(nll / count), count, len(batches) - 1 + len(batches[-1])
+    return math.exp(nll / count), count, n_full + (len(tail) >= 2)
 
 
 def perplexity(

@@ -1,0 +1,129 @@
+"""The results store of an evaluation matrix: one SQLite file.
+
+Two tables. ``cells`` has one row per *finished* cell (its id, full config as JSON, wall time,
+tasks that were unavailable). ``results`` has one row per cell x task x language x metric,
+with the cell's identifying settings in columns (for SQL and tables) and its full config as
+JSON. A cell's rows and its ``cells`` row are written in one transaction, so a cell killed
+midway leaves nothing behind and counts as not done; the primary key (cell, task, language,
+metric) makes a duplicate row impossible. Only the matrix driver writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ResultRow", "ResultStore"]
+
+logger = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cells (
+    cell_id     TEXT PRIMARY KEY,
+    label       TEXT NOT NULL,
+    config      TEXT NOT NULL,
+    seconds     REAL,
+    unavailable TEXT NOT NULL DEFAULT '[]',
+    finished_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS results (
+    cell_id  TEXT NOT NULL REFERENCES cells(cell_id),
+    model    TEXT NOT NULL,
+    method   TEXT NOT NULL,
+    level    TEXT NOT NULL,
+    mix      TEXT NOT NULL,
+    seed     INTEGER,
+    task     TEXT NOT NULL,
+    lang     TEXT NOT NULL,
+    metric   TEXT NOT NULL,
+    value    REAL NOT NULL,
+    n        INTEGER,
+    config   TEXT NOT NULL,
+    PRIMARY KEY (cell_id, task, lang, metric)
+);
+"""
+RESULT_COLUMNS = ("cell_id", "model", "method", "level", "mix", "seed", "task", "lang",
+                  "metric", "value", "n", "config")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One measured number of a cell."""
+
+    task: str
+    lang: str
+    metric: str
+    value: float
+    n: int | None = None
+
+
+class ResultStore:
+    """The SQLite results store at ``path`` (created with its folder if missing)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(self.path, timeout=60)
+        self.conn.row_factory = sqlite3.Row
+        with self.conn:
+            self.conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def done_cells(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT cell_id FROM cells")}
+
+    def write_cell(
+        self,
+        cell_id: str,
+        label: str,
+        config: dict,
+        keys: dict,
+        rows: list[ResultRow],
+        seconds: float | None = None,
+        unavailable: list | None = None,
+    ) -> None:
+        """All rows of a finished cell in one transaction. ``keys``: the identifying columns
+        (model, method, level, mix, seed)."""
+        config_json = json.dumps(config, sort_keys=True)
+        values = [
+            (cell_id, keys["model"], keys["method"], keys["level"], keys["mix"], keys["seed"],
+             r.task, r.lang, r.metric, float(r.value), r.n, config_json)
+            for r in rows
+        ]  # fmt: skip
+        with self.conn:  # BEGIN ... COMMIT, or ROLLBACK on any error
+            self.conn.execute(
+                "INSERT INTO cells VALUES (?, ?, ?, ?, ?, ?)",
+                (cell_id, label, config_json, seconds, json.dumps(unavailable or []),
+                 time.time()),
+            )  # fmt: skip
+            self.conn.executemany(
+                f"INSERT INTO results VALUES ({', '.join('?' * len(RESULT_COLUMNS))})", values
+            )
+        logger.debug("stored cell %s (%s): %d rows", label, cell_id, len(rows))
+
+    def results(self, **where) -> list[dict]:
+        """Result rows as dicts, optionally filtered by column equality."""
+        for k in where:
+            if k not in RESULT_COLUMNS:
+                raise KeyError(f"unknown results column {k!r}")
+        clause = " AND ".join(f"{k} = ?" for k in where)
+        sql = "SELECT * FROM results" + (f" WHERE {clause}" if clause else "")
+        sql += " ORDER BY model, method, level, mix, seed, task, lang, metric"
+        return [dict(r) for r in self.conn.execute(sql, tuple(where.values()))]
+
+    def cells(self) -> list[dict]:
+        rows = self.conn.execute("SELECT * FROM cells ORDER BY finished_at")
+        return [dict(r) | {"unavailable": json.loads(r["unavailable"])} for r in rows]

@@ -1,0 +1,237 @@
+"""Tables and heatmaps from a results store, in the layout of the paper's Tables 1-3.
+
+One table per model x method x level x task: rows are calibration mixes (the dense baseline on
+top), columns are evaluation languages, each entry the mean ± sample standard deviation over
+seeds. The best calibration mix per column (lowest perplexity, highest accuracy or F1) is
+marked: bold in Markdown, a frame in the heatmap. Heatmap colours are normalised per column
+over the calibration rows, so each column shows which mix suits that language, whatever the
+language's own difficulty.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import re
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Table", "build_tables", "heatmap", "to_csv", "to_markdown", "write_tables"]
+
+logger = logging.getLogger(__name__)
+
+DENSE = "dense"
+LOWER_IS_BETTER = frozenset({"ppl", "pruning_error"})
+
+
+def primary_metric(task: str) -> str:
+    """The metric a table shows for a task (all metrics are kept in the store)."""
+    special = {"ppl": "ppl", "mkqa": "f1", "snr": "snr_db", "error": "pruning_error"}
+    return special.get(task, "acc")
+
+
+@dataclass
+class Table:
+    model: str
+    method: str
+    level: str
+    task: str
+    metric: str
+    mixes: list[str]  # row labels; "dense" first where the store has the baseline
+    langs: list[str]  # column labels
+    mean: np.ndarray  # (rows, cols), nan where missing
+    std: np.ndarray  # (rows, cols), sample std over seeds (0 for one seed)
+    n: np.ndarray  # (rows, cols) seeds per entry
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric not in LOWER_IS_BETTER
+
+    @property
+    def title(self) -> str:
+        how = "higher" if self.higher_is_better else "lower"
+        where = f"{self.model} · {self.method} {self.level} · {self.task}"
+        return f"{where} ({self.metric}, {how} is better)"
+
+    @property
+    def stem(self) -> str:
+        raw = f"{Path(self.model).name}__{self.method}-{self.level}__{self.task}-{self.metric}"
+        return re.sub(r"[^A-Za-z0-9_.+-]", "_", raw)
+
+    def best(self) -> np.ndarray:
+        """Row index of the best calibration mix per column (-1 where none); the dense
+        baseline is not a candidate."""
+        cand = self.mean.copy()
+        if self.mixes and self.mixes[0] == DENSE:
+            cand[0] = np.nan
+        out = np.full(len(self.langs), -1)
+        for j in range(len(self.langs)):
+            col = cand[:, j]
+            if np.isnan(col).all():
+                continue
+            out[j] = int(np.nanargmax(col) if self.higher_is_better else np.nanargmin(col))
+        return out
+
+
+def _mix_order(mix: str) -> tuple:
+    return (mix != DENSE, len(mix.split(",")), mix)
+
+
+def build_tables(rows: list[dict]) -> list[Table]:
+    """Tables from store rows (dicts with model, method, level, mix, seed, task, lang, metric,
+    value). Dense rows become the top row of every table of the same model and task."""
+    values: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["metric"] != primary_metric(r["task"]):
+            continue
+        mix = DENSE if r["method"] == DENSE else r["mix"]
+        values[(r["model"], r["method"], r["level"], r["task"], r["metric"], mix, r["lang"])] += [
+            r["value"]
+        ]
+    groups = sorted({k[:5] for k in values if k[1] != DENSE})
+    tables = []
+    for model, method, level, task, metric in groups:
+        mine = {k: v for k, v in values.items() if k[:5] == (model, method, level, task, metric)}
+        dense = {
+            k: v for k, v in values.items() if k[:2] == (model, DENSE) and k[3:5] == (task, metric)
+        }
+        entries = {(k[5], k[6]): v for k, v in (mine | dense).items()}
+        mixes = sorted({m for m, _ in entries}, key=_mix_order)
+        langs = sorted({lang for _, lang in entries})
+        shape = (len(mixes), len(langs))
+        mean, std, n = np.full(shape, np.nan), np.full(shape, np.nan), np.zeros(shape, int)
+        for (mix, lang), v in entries.items():
+            i, j = mixes.index(mix), langs.index(lang)
+            mean[i, j] = float(np.mean(v))
+            std[i, j] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+            n[i, j] = len(v)
+        tables.append(Table(model, method, level, task, metric, mixes, langs, mean, std, n))
+    return tables
+
+
+def _fmt(t: Table, i: int, j: int) -> str:
+    if np.isnan(t.mean[i, j]):
+        return "–"
+    digits = {"acc": 3, "acc_norm": 3, "f1": 3, "exact_match": 3, "pruning_error": 4}
+    digits = digits.get(t.metric, 2)
+    text = f"{t.mean[i, j]:.{digits}f}"
+    if t.n[i, j] > 1:
+        text += f" ± {t.std[i, j]:.{digits}f}"
+    return text
+
+
+def to_markdown(t: Table) -> str:
+    best = t.best()
+    lines = [f"### {t.title}", "", "| calibration | " + " | ".join(t.langs) + " |"]
+    lines.append("|---|" + "---:|" * len(t.langs))
+    for i, mix in enumerate(t.mixes):
+        cells = [
+            f"**{_fmt(t, i, j)}**" if best[j] == i else _fmt(t, i, j) for j in range(len(t.langs))
+        ]
+        lines.append(f"| {mix} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(t: Table) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["calibration"] + [f"{lang}{s}" for lang in t.langs for s in ("", "_std", "_n")])
+    for i, mix in enumerate(t.mixes):
+        row = [mix]
+        for j in range(len(t.langs)):
+            m = t.mean[i, j]
+            row += ["" if math.isnan(m) else repr(float(m)),
+                    "" if math.isnan(m) else repr(float(t.std[i, j])), int(t.n[i, j])]  # fmt: skip
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def column_scores(t: Table) -> np.ndarray:
+    """Per-column colour value in [0, 1], 1 = best, over the calibration rows (the dense row
+    gets nan and is drawn grey)."""
+    first = 1 if t.mixes and t.mixes[0] == DENSE else 0
+    out = np.full(t.mean.shape, np.nan)
+    for j in range(len(t.langs)):
+        col = t.mean[first:, j]
+        if np.isnan(col).all():
+            continue
+        lo, hi = np.nanmin(col), np.nanmax(col)
+        z = np.full_like(col, 0.5) if hi == lo else (col - lo) / (hi - lo)
+        out[first:, j] = z if t.higher_is_better else 1 - z
+    return out
+
+
+def heatmap(t: Table, path: str | os.PathLike) -> None:
+    """The table as a PNG heatmap (matplotlib, Agg backend), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    scores = column_scores(t)
+    best = t.best()
+    R, C = t.mean.shape
+    fig, ax = plt.subplots(figsize=(1.3 * C + 2.0, 0.5 * R + 1.4))
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd")
+    ax.imshow(np.ma.masked_invalid(scores), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+    for i in range(R):
+        for j in range(C):
+            ax.text(j, i, _fmt(t, i, j), ha="center", va="center", fontsize=7,
+                    fontweight="bold" if best[j] == i else "normal")  # fmt: skip
+        if t.mixes[i] == DENSE:
+            ax.axhline(i + 0.5, color="black", linewidth=1)
+    for j, i in enumerate(best):
+        if i >= 0:
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2, ec="black"))
+    ax.set_xticks(range(C), t.langs)
+    ax.set_yticks(range(R), t.mixes)
+    ax.set_xlabel("evaluation language")
+    ax.set_ylabel("calibration")
+    ax.xaxis.set_ticks_position("top")
+    ax.xaxis.set_label_position("top")
+    ax.set_title(t.title, fontsize=9, pad=28)
+    fig.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_tables(rows: list[dict], out_dir: str | os.PathLike, png: bool = True) -> list[Path]:
+    """CSV, Markdown and (``png``) heatmap per table, plus ``tables.md`` with all tables."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(rows)
+    written = []
+    for t in tables:
+        for suffix, text in ((".csv", to_csv(t)), (".md", to_markdown(t))):
+            _write_text(out / f"{t.stem}{suffix}", text)
+            written.append(out / f"{t.stem}{suffix}")
+        if png:
+            heatmap(t, out / f"{t.stem}.png")
+            written.append(out / f"{t.stem}.png")
+    _write_text(out / "tables.md", "\n".join(to_markdown(t) for t in tables))
+    written.append(out / "tables.md")
+    logger.info("%d tables written to %s", len(tables), out)
+    return written
