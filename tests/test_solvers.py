@@ -172,7 +172,8 @@ def test_dead_input_columns_are_zeroed():
     assert (res.weight[:, 5] == 0).all()
 
 
-def test_failed_cholesky_retries_with_more_damping(caplog):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_failed_cholesky_retries_with_more_damping(caplog, inplace):
     X = correlated_inputs(512, 16)
     H = hessian(X)
     # Shift H so its lowest eigenvalue is -0.05 x its own mean diagonal: damping of 0.01 x mean
@@ -180,13 +181,18 @@ def test_failed_cholesky_retries_with_more_damping(caplog):
     shift = (torch.linalg.eigvalsh(H).min() + 0.05 * torch.diag(H).mean()) / 1.05
     H_bad = H - shift * torch.eye(16)
     mean = torch.diag(H_bad).mean()
+    given = H_bad.clone()
     with caplog.at_level(logging.WARNING):
-        U, damp = inverse_hessian_cholesky(H_bad, 0.01, "layer.x")
+        U, damp = inverse_hessian_cholesky(given, 0.01, "layer.x", inplace=inplace)
     assert "layer.x" in caplog.text and "retrying" in caplog.text
     assert damp == pytest.approx(0.1 * mean.item(), rel=1e-5)
+    # The damping of the failed try is not left behind: exactly H + damp I was factorised.
     torch.testing.assert_close(
         U.T @ U, torch.linalg.inv(H_bad + damp * torch.eye(16)), rtol=1e-3, atol=1e-4
     )
+    # The caller's H is untouched unless it handed it over (then it holds H + damp I).
+    expected = H_bad + damp * torch.eye(16) if inplace else H_bad
+    torch.testing.assert_close(given, expected)
 
 
 @pytest.mark.parametrize(

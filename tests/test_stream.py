@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from polyprune.api import compress, prune, quantize
 from polyprune.cli import main
 from polyprune.compress.export import load_masks
-from polyprune.compress.stream import ShardWriter, parse_size
+from polyprune.compress.stream import ShardWriter, lean_malloc, parse_size
 from polyprune.errors import InputError
 
 from .conftest import tiny_model
@@ -162,3 +162,33 @@ def test_shard_writer_splits_and_round_trips(tmp_path):
 @pytest.mark.parametrize(("text", "value"), [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("100", 100)])
 def test_parse_size(text, value):
     assert parse_size(text) == value
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_lean_malloc_returns_freed_blocks_to_the_system():
+    """Tensors freed out of order (a block's weights, SparseGPT's factors) must not stay in the
+    process: with lean_malloc each 8 MiB tensor has its own mapping and leaves with it, and the
+    trim gives back the heap holes that smaller tensors leave."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt  # noqa: B018
+    except (OSError, AttributeError):
+        pytest.skip("not glibc")
+    trim = lean_malloc()
+    big = torch.ones(4 << 20)  # freeing 16 MiB would lift glibc's own dynamic threshold
+    del big
+    tensors = [torch.ones(2 << 20) for _ in range(16)]  # 16 x 8 MiB, touched
+    before = _rss_mib()
+    del tensors[::2]  # every other one: holes a heap could not give back untrimmed
+    assert before - _rss_mib() >= 8 * 8 * 0.9
+
+    small = [torch.ones(1 << 18) for _ in range(64)]  # 64 x 1 MiB, from the heap
+    before = _rss_mib()
+    del small[::2]
+    trim()
+    assert before - _rss_mib() >= 32 * 0.9

@@ -47,25 +47,37 @@ def dead_columns(H: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def inverse_hessian_cholesky(
-    H: torch.Tensor, percdamp: float, name: str = ""
+    H: torch.Tensor, percdamp: float, name: str = "", inplace: bool = False
 ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + damp I)^-1 (U^T U = H^-1) and the damping used.
 
     damp = percdamp * mean(diag H). If either factorisation fails (H not positive definite in
     floating point: too few tokens, duplicated inputs), retry with 10x the damping, up to
     ``_DAMP_RETRIES`` times, logging each retry, instead of failing the run.
+
+    Memory: the damping is added to the diagonal of H itself (``inplace=True``: the caller's
+    copy, left damped) or of one copy, and each intermediate factor is freed as soon as the
+    next exists: at most three d x d matrices are alive at once besides the caller's H, where
+    the textbook ``cholesky(H + damp * eye)`` holds five (d = 14336 in fp32: 2.3 GiB, not 3.8).
     """
-    mean_diag = torch.mean(torch.diagonal(H)).item()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    diag0 = torch.diagonal(H).clone()
+    mean_diag = torch.mean(diag0).item()
+    A = H if inplace else H.clone()
     damp_frac = percdamp
     for _ in range(_DAMP_RETRIES):
         damp = damp_frac * mean_diag
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        torch.diagonal(A).copy_(diag0).add_(damp)
+        L, info = torch.linalg.cholesky_ex(A)
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0 and torch.isfinite(U).all():
                 return U, damp
+            del U
+        else:
+            del L
         logger.warning(
             "Cholesky factorisation failed for %s with damping %.3g x mean(diag H); retrying "
             "with %.3g",
@@ -116,7 +128,9 @@ def obs_solve(
     if quant is not None and quant.act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-    Hinv, damp = inverse_hessian_cholesky(H, percdamp, name)
+    # H is obs_solve's own copy (dead_columns): damp it in place, then let it go.
+    Hinv, damp = inverse_hessian_cholesky(H, percdamp, name, inplace=True)
+    del H
 
     mask = torch.zeros_like(W, dtype=torch.bool)
     losses = torch.zeros(rows, device=W.device)
