@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ __all__ = [
     "save_compressed",
     "save_masks",
     "staged_output",
+    "write_file_atomic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -41,11 +42,32 @@ MASKS = "masks.safetensors"
 FORMATS = ("dense", "gptq")
 
 
-def chmod_like_mkdir(path: Path) -> None:
-    """mkdtemp makes 0700 directories; an output should get what ``mkdir`` would give it."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    path.chmod(0o777 & ~umask)
+    return umask
+
+
+def chmod_like_mkdir(path: Path) -> None:
+    """mkdtemp makes 0700 directories; an output should get what ``mkdir`` would give it."""
+    path.chmod(0o777 & ~_umask())
+
+
+def write_file_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """``write(tmp)`` writes a temporary file beside ``path``, which is then renamed onto
+    ``path`` with the mode ``open`` would give it (mkstemp makes 0600 files); on any error the
+    temporary file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:

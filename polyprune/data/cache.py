@@ -10,10 +10,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from polyprune.compress.export import write_file_atomic
 
 __all__ = ["cache_dir", "cache_path", "load_cached", "save_cached", "tokenizer_fingerprint"]
 
@@ -43,10 +44,7 @@ def load_cached(path: Path) -> torch.Tensor | None:
 def save_cached(path: Path, tensor: torch.Tensor) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save(tensor, tmp)
-        os.replace(tmp, path)
+        write_file_atomic(path, lambda tmp: torch.save(tensor, tmp))
     except OSError as e:  # a read-only home must not stop a run
         logger.warning("could not cache calibration windows at %s (%s)", path, e)
 

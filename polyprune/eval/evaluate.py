@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from polyprune.compress.export import write_file_atomic
 from polyprune.errors import InputError
 from polyprune.eval.store import ResultRow
 
@@ -122,13 +122,5 @@ def write_json(obj, out: str | os.PathLike, overwrite: bool = False) -> Path:
     if out.exists() and not overwrite:
         raise InputError(f"output {str(out)!r} exists; use --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    return write_file_atomic(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -16,12 +16,13 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from polyprune.compress.export import write_file_atomic
 
 __all__ = ["Table", "build_tables", "heatmap", "to_csv", "to_markdown", "write_tables"]
 
@@ -199,23 +200,14 @@ def heatmap(t: Table, path: str | os.PathLike) -> None:
     ax.xaxis.set_label_position("top")
     ax.set_title(t.title, fontsize=9, pad=28)
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_file_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_tables(rows: list[dict], out_dir: str | os.PathLike, png: bool = True) -> list[Path]:
