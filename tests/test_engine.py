@@ -12,7 +12,7 @@ from polyprune.compress.sparsegpt import sparsegpt_prune
 from polyprune.compress.wanda import wanda_prune
 from polyprune.models import find_blocks, get_weight, linear_layers
 
-from .conftest import tiny_model
+from .conftest import VOCAB, tiny_model
 
 FAMILIES = ["llama", "qwen2", "opt", "gpt2"]
 
@@ -165,3 +165,39 @@ def test_masks_are_kept_when_asked():
     packed, shape = report.masks[name]
     W = get_weight(model.get_submodule(name))
     assert torch.equal(unpack_mask(packed, shape), W == 0)
+
+
+def tiny_gemma3(seed: int = 0):
+    """Two layer types with their own masks (window 8 < 32 tokens) and rotary tables."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=128,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama", "gpt2", "opt"])
+def test_blocks_run_on_captured_inputs_reproduce_the_models_hidden_states(family):
+    """Each block gets its own captured arguments (Gemma 3: sliding vs full masks and rotary
+    tables); block 0's arguments for every block would fail this on gemma3."""
+    from polyprune.compress.engine import block_output, capture_block_inputs
+
+    model = tiny_gemma3() if family == "gemma3" else tiny_model(family).eval()
+    _, blocks = find_blocks(model)
+    ids = torch.randint(2, VOCAB, (6, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True, use_cache=False).hidden_states
+    inputs = capture_block_inputs(model, blocks, ids, "cpu", 4, progress=False)
+    assert torch.equal(inputs.hidden, ref[0])
+    h = inputs.hidden
+    for b, block in enumerate(blocks[:-1]):  # the last hidden state is after the final norm
+        inputs.block = b
+        with torch.no_grad():
+            h = torch.cat([block_output(block(h[sl], *a, **k)) for sl, a, k in inputs.batches(4)])
+        torch.testing.assert_close(h, ref[b + 1], rtol=1e-5, atol=1e-5)
+    assert "forward" not in blocks[0].__dict__  # the identity stand-in is gone

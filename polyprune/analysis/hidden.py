@@ -39,15 +39,16 @@ def _batch_plan(segments: list[slice], batch_size: int) -> list[tuple[int, slice
 def _capture(
     model: nn.Module, blocks, input_ids: torch.Tensor, segments: list[slice], device, batch_size
 ) -> BlockInputs:
-    """Block-0 inputs of every window, captured segment by segment so that the extra block
-    arguments exist for every batch size the plan uses."""
+    """Block-0 inputs of every window, captured segment by segment so that every block's
+    other arguments exist for every batch size the plan uses."""
     parts = [
         capture_block_inputs(model, blocks, input_ids[seg], device, batch_size, progress=False)
         for seg in segments
     ]
-    extra = {}
+    extra = [{} for _ in blocks]
     for p in parts:
-        extra.update(p.extra)
+        for mine, theirs in zip(extra, p.extra, strict=True):
+            mine.update(theirs)
     return BlockInputs(torch.cat([p.hidden for p in parts]), extra)
 
 
@@ -90,7 +91,7 @@ def lockstep_block_outputs(
                 for seg, rows in plan:
                     if on_batch is not None:
                         on_batch(name, seg)
-                    args, kwargs = inp.extra[rows.stop - rows.start]
+                    args, kwargs = inp.extra[layer][rows.stop - rows.start]
                     y = block_output(block(inp.hidden[rows].to(device), *args, **kwargs))
                     outs[name][rows] = y.to(outs[name].device)
                 block.to(home)

@@ -177,13 +177,23 @@ class _StopForward(Exception):
 
 @dataclass
 class BlockInputs:
+    """Calibration activations and the other arguments each decoder block is called with.
+
+    Blocks of one model need not share their arguments: Gemma 2/3, Qwen2 and Mistral pass each
+    layer type its own attention mask (sliding or full), and Gemma 3 its own rotary table
+    (theta 10k local, 1M global). So the arguments are kept per block; ``block`` selects whose
+    ``batches`` yields.
+    """
+
     hidden: torch.Tensor  # (N, T, H)
-    extra: dict[int, tuple[tuple, dict]]  # batch size -> (positional args after x, kwargs)
+    extra: list[dict[int, tuple[tuple, dict]]]  # per block: batch size -> (args after x, kwargs)
+    block: int = 0
 
     def batches(self, batch_size: int):
+        extra = self.extra[self.block]
         for start in range(0, self.hidden.shape[0], batch_size):
             end = min(start + batch_size, self.hidden.shape[0])
-            args, kwargs = self.extra[end - start]
+            args, kwargs = extra[end - start]
             yield slice(start, end), args, kwargs
 
 
@@ -259,29 +269,53 @@ def capture_block_inputs(
     storage: torch.device | str | None = None,
     alloc: Allocator | None = None,
 ) -> BlockInputs:
-    """Run the model up to block 0 on every batch of windows and keep block 0's inputs on
-    ``storage`` (default: the device the model runs on), or in a buffer from ``alloc``."""
-    N = input_ids.shape[0]
-    state: dict = {"hidden": None, "extra": {}, "slice": None}
+    """Run the model's own forward over every batch of windows with each decoder block
+    replaced by the identity, keeping block 0's inputs on ``storage`` (default: the device
+    the model runs on), or in a buffer from ``alloc``, and every block's other arguments.
 
-    def hook(module, args, kwargs):
+    The blocks are not computed (their weights may still be on the meta device); the model's
+    forward only builds what it hands each block (masks, rotary tables), and stops at the
+    last block, before the final norm and lm_head.
+    """
+    N = input_ids.shape[0]
+    state: dict = {"hidden": None, "slice": None}
+    extra: list[dict[int, tuple[tuple, dict]]] = [{} for _ in blocks]
+
+    def record(b: int, args, kwargs):
         kwargs = dict(kwargs)
         x = args[0] if args else kwargs.pop("hidden_states")
-        if state["hidden"] is None:
-            shape = (N, *x.shape[1:])
-            if alloc is not None:
-                state["hidden"] = alloc(shape, x.dtype)
-            else:
-                where = x.device if storage is None else storage
-                state["hidden"] = torch.empty(shape, dtype=x.dtype, device=where)
-        state["hidden"][state["slice"]] = x.to(state["hidden"].device)
-        bs = x.shape[0]
-        if bs not in state["extra"]:
-            state["extra"][bs] = (tuple(args[1:]), kwargs)
-        raise _StopForward
+        if b == 0:
+            if state["hidden"] is None:
+                shape = (N, *x.shape[1:])
+                if alloc is not None:
+                    state["hidden"] = alloc(shape, x.dtype)
+                else:
+                    where = x.device if storage is None else storage
+                    state["hidden"] = torch.empty(shape, dtype=x.dtype, device=where)
+            state["hidden"][state["slice"]] = x.to(state["hidden"].device)
+        rows = state["slice"].stop - state["slice"].start
+        if x.shape[0] != rows:  # a forward that indexes a block's output ([0]) breaks here
+            raise RuntimeError(
+                f"{type(model).__name__} does not hand block {b} the previous block's output "
+                f"(batch {x.shape[0]}, expected {rows}); polyprune needs transformers >= 4.56"
+            )
+        extra[b].setdefault(rows, (tuple(args[1:]), kwargs))
+        if b == len(blocks) - 1:
+            raise _StopForward
+
+    def identity(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
 
     home = next((model_t[k].device for model_t, k in _outside_tensors(model, blocks)), "cpu")
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [
+        block.register_forward_pre_hook(
+            lambda m, args, kwargs, b=b: record(b, args, kwargs), with_kwargs=True
+        )
+        for b, block in enumerate(blocks)
+    ]
+    own_forward = [block.__dict__.get("forward") for block in blocks]  # e.g. accelerate's
+    for block in blocks:
+        block.forward = identity  # an instance attribute shadows the class's forward
     _move_outside(model, blocks, device)
     try:
         starts = range(0, N, batch_size)
@@ -290,9 +324,14 @@ def capture_block_inputs(
             with contextlib.suppress(_StopForward):
                 model(input_ids[state["slice"]].to(device), use_cache=False)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
+        for block, forward in zip(blocks, own_forward, strict=True):
+            del block.forward
+            if forward is not None:
+                block.forward = forward
         _move_outside(model, blocks, home)
-    return BlockInputs(state["hidden"], state["extra"])
+    return BlockInputs(state["hidden"], extra)
 
 
 def block_output(out) -> torch.Tensor:
@@ -539,6 +578,7 @@ def compress_blocks(
     for b, block in enumerate(tqdm(blocks, desc=cfg.method, disable=not cfg.progress)):
         t0 = time.perf_counter()
         io.load(b, block)
+        inputs.block = b
         _compress_block(block, f"{prefix}.{b}", inputs, out, method, cfg, report, structure, timers)
         io.release(b, block)
         report.block_seconds.append(time.perf_counter() - t0)
