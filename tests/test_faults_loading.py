@@ -249,8 +249,29 @@ def test_analyze_refuses_a_run_of_another_architecture_of_the_same_sizes(tiny_mo
                 "--out", tmp_path / "report", "-q")  # fmt: skip
     assert r.returncode == 2, r.stderr
     err = one_error(r.stderr)
-    assert f"run {str(run)!r} is a model_type qwen2 model, the dense model llama" in err
+    assert f"run {str(run)!r} is a qwen2 model (model_type), the dense model llama" in err
     assert not (tmp_path / "report").exists()
+
+
+def test_analyze_refuses_a_gpt2_run_against_a_llama_dense_model(tiny_model_dir, tmp_path, capsys):
+    run = _run(tiny_model_dir("gpt2"), tmp_path / "gpt2-run")
+    assert cli("analyze", "--dense", tiny_model_dir("llama"), "--compressed", run, "--langs",
+               "de,en", "--out", tmp_path / "r", "-q") == 2  # fmt: skip
+    assert "is a gpt2 model (model_type), the dense model llama" in one_error(
+        capsys.readouterr().err
+    )
+
+
+def test_analyze_names_a_damaged_run_checkpoint_before_loading_any(
+    tiny_model_dir, tmp_path, capsys
+):
+    dense = tiny_model_dir("llama")
+    run = _run(dense, tmp_path / "run")
+    corrupt(run / "model.safetensors", "bad offsets")
+    assert cli("analyze", "--dense", dense, "--compressed", run, "--langs", "de,en",
+               "--out", tmp_path / "r", "-q") == 2  # fmt: skip
+    err = one_error(capsys.readouterr().err)
+    assert f"{run / 'model.safetensors'} is not a readable safetensors file" in err
 
 
 def test_analyze_refuses_a_run_made_from_another_dense_model(tiny_model_dir, tmp_path, capsys):

@@ -74,17 +74,22 @@ def same_source(recorded: str, dense: str, dense_path: str, config) -> bool | No
 
 def check_runs_match(dense: str, config, runs) -> None:
     """Every run (``Run`` of ``describe_runs``) is of the dense model's architecture and
-    sizes and made from it, as far as its manifest tells; otherwise an InputError."""
+    sizes and made from it, as far as its manifest tells, and every local weight file is
+    readable (headers only); otherwise an InputError."""
     from polyprune.models import load_config, resolve_model_path
+    from polyprune.weights import check_weight_files
 
     dense_path = resolve_model_path(dense)
+    if os.path.isdir(dense_path):
+        check_weight_files(dense_path)
     for r in runs:
         rc = load_config(str(r.path))
         where = f"run {str(r.path)!r}"
         for key in ("model_type", "architectures"):
             a, b = getattr(config, key, None), getattr(rc, key, None)
             if a and b and a != b:
-                raise InputError(f"{where} is a {key} {b} model, the dense model {a}")
+                a, b = (", ".join(v) if isinstance(v, list) else v for v in (a, b))
+                raise InputError(f"{where} is a {b} model ({key}), the dense model {a}")
         for key in _SIZES:
             a, b = getattr(config, key, None), getattr(rc, key, None)
             if a != b:
@@ -98,6 +103,7 @@ def check_runs_match(dense: str, config, runs) -> None:
         if same is None:
             logger.warning("%s was made from %s; cannot tell whether that is %s",
                            where, recorded, dense_path)  # fmt: skip
+        check_weight_files(r.path)
 
 
 def check_masks(runs, skeleton: nn.Module, masks_name: str) -> None:
