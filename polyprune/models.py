@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from polyprune.errors import InputError
+from polyprune.weights import check_weight_files, drop_ignorable, fit_error, tied_names
 
 __all__ = [
     "DEMO_MODEL_DIR",
@@ -110,19 +111,24 @@ def load_model(
     dtype: str | torch.dtype | None = "auto",
     tokenizer: bool = True,
 ) -> LoadedModel:
-    """Load model (and tokenizer) on CPU; the engine moves one block at a time to ``device``."""
-    from transformers import AutoModelForCausalLM
+    """Load model (and tokenizer) on CPU; the engine moves one block at a time to ``device``.
 
+    A damaged weight file, or weights that do not fit the config (missing, unknown or of
+    other shapes), is an InputError: transformers would fill the gaps with random weights."""
     path = resolve_model_path(spec)
     config = load_config(path)
     src = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     source_dtype = src if isinstance(src, torch.dtype) else getattr(torch, str(src), None)
     qc = getattr(config, "quantization_config", None)
+    if os.path.isdir(path):
+        check_weight_files(path)
     try:
         if isinstance(qc, dict) and qc.get("quant_method") == "gptq":
             model = _load_gptq_dense(path, config, _dtype(dtype, device))
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype, device))
+            model = _from_pretrained(path, _dtype(dtype, device))
+    except InputError:
+        raise
     except (OSError, ValueError) as e:
         raise InputError(f"could not load model {path!r}: {str(e).splitlines()[0]}") from e
     model.eval()
@@ -130,6 +136,51 @@ def load_model(
     if not isinstance(source_dtype, torch.dtype):
         source_dtype = next(model.parameters()).dtype
     return LoadedModel(model, tok, path, source_dtype)
+
+
+class _HoldLoadReport(logging.Filter):
+    """Holds back transformers' table of missing / unexpected weights: they are an error here,
+    said in one line; a report of anything else is passed on afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.held.append(record)
+            return False
+        return True
+
+
+def _from_pretrained(path: str, dtype) -> nn.Module:
+    """``from_pretrained`` that refuses weights which do not fit the config."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    hold = _HoldLoadReport()
+    hf_logger.addFilter(hold)
+    try:
+        # Mismatched shapes come back in the loading info (not as a bare RuntimeError that
+        # points at the report), to be refused below with the others.
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    except SafetensorError as e:  # a hub download; local files were checked before
+        raise InputError(f"a weight file of {path!r} is not readable: {e}") from e
+    finally:
+        hf_logger.removeFilter(hold)
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])
+    missing, unexpected = drop_ignorable(model, info["missing_keys"], info["unexpected_keys"])
+    error = fit_error(f"model {path!r}", model, missing, unexpected, mismatched)
+    if error is None and info.get("error_msgs"):
+        error = InputError(f"model {path!r}: {str(info['error_msgs'][0]).splitlines()[0]}")
+    if error is not None:
+        raise error
+    for record in hold.held:
+        hf_logger.handle(record)
+    return model
 
 
 def _load_gptq_dense(path: str, config, dtype) -> nn.Module:
@@ -145,14 +196,12 @@ def _load_gptq_dense(path: str, config, dtype) -> nn.Module:
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config).float()  # exact dequantised values
     state = load_gptq_state(Path(path), raw)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and "lm_head" in k}
-    if set(missing) - tied or unexpected:
-        raise InputError(
-            f"GPTQ checkpoint {path!r} does not fit its config: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}"
-        )
-    if tied:
+    absent, unknown = model.load_state_dict(state, strict=False)
+    missing, unexpected = drop_ignorable(model, absent, unknown)
+    error = fit_error(f"GPTQ checkpoint {path!r}", model, missing, unexpected)
+    if error is not None:
+        raise error
+    if set(absent) & tied_names(model):  # a tied lm_head left out of the checkpoint
         model.tie_weights()
     model = model.to(torch.float16 if dtype == "auto" else dtype).eval()
     model.config.quantization_config_source = raw["quantization_config"]

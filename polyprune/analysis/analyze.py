@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from polyprune.analysis.checks import check_masks, check_runs_match
 from polyprune.analysis.hidden import lockstep_block_outputs
 from polyprune.analysis.iou import MaskFile, group_of, pair_counts, ratio
 from polyprune.analysis.lape import (
@@ -483,21 +484,19 @@ def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, token
     for lang in cfg.langs:
         src.check_language(lang)
     config = load_config(dense)
-    n_blocks = len(find_blocks(_skeleton(config))[1])
-    for r in runs:
-        rc = load_config(str(r.path))
-        for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"):
-            a, b = getattr(config, key, None), getattr(rc, key, None)
-            if a != b:
-                raise InputError(f"run {str(r.path)!r} has {key} {b}, the dense model {a}")
+    skeleton = _skeleton(config)
+    n_blocks = len(find_blocks(skeleton)[1])
+    check_runs_match(dense, config, runs)
     try:
-        swiglu_mlps(_skeleton(config))
+        swiglu_mlps(skeleton)
         swiglu = True
     except ValueError:
         swiglu = False
     metrics = _choose_metrics(cfg, runs, swiglu)
     if not metrics:
         raise InputError("no metric can run on these inputs")
+    if "iou" in metrics:
+        check_masks(runs, skeleton, MASKS)
     tok = tokenizer or load_tokenizer(dense)
     needs_pass = bool({"snr", "error", "lsar", "lape"} & set(metrics))
     result: dict = {

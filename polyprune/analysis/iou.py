@@ -11,7 +11,6 @@ the pruning decision is.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 
@@ -111,11 +110,10 @@ class MaskFile:
     def __init__(self, path: str | os.PathLike):
         from safetensors import safe_open
 
+        from polyprune.compress.export import read_mask_shapes
+
+        self.shapes = read_mask_shapes(path)  # checked, naming the file, before any is read
         self._file = safe_open(str(path), "pt")
-        meta = self._file.metadata() or {}
-        if meta.get("format") != "polyprune-masks-v1":
-            raise ValueError(f"{path} is not a polyprune masks file")
-        self.shapes = {k: tuple(v) for k, v in json.loads(meta["shapes"]).items()}
 
     def names(self) -> list[str]:
         return list(self.shapes)

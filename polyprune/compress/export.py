@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from polyprune.compress.masks import unpack_mask
 from polyprune.errors import InputError
@@ -30,6 +30,7 @@ __all__ = [
     "gptq_config_files",
     "load_masks",
     "masks_metadata",
+    "read_mask_shapes",
     "save_compressed",
     "save_masks",
     "staged_output",
@@ -115,14 +116,48 @@ def save_masks(path: Path, masks: dict[str, tuple[torch.Tensor, tuple[int, int]]
     save_file(tensors, str(path), metadata=masks_metadata(shapes))
 
 
+def read_mask_shapes(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """The shape of each Linear's mask in a ``masks.safetensors``, every entry checked against
+    its packed tensor (headers only, no mask is read); a damaged or foreign file is an
+    InputError naming the file and its first bad entry."""
+    from polyprune.weights import open_safetensors
+
+    with open_safetensors(path) as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "polyprune-masks-v1":
+            raise InputError(f"{path} is not a polyprune masks file (no polyprune-masks-v1 tag)")
+        try:
+            shapes = json.loads(meta.get("shapes", ""))
+            if not isinstance(shapes, dict):
+                raise TypeError
+        except (json.JSONDecodeError, TypeError) as e:
+            raise InputError(f"{path}: the masks' shapes are not a JSON object") from e
+        keys = set(f.keys())
+        out = {}
+        for name in sorted(keys | set(shapes)):
+            shape = shapes.get(name)
+            if name not in keys:
+                raise InputError(f"{path}: no mask tensor for {name}")
+            if not (isinstance(shape, list) and len(shape) == 2
+                    and all(isinstance(n, int) and n > 0 for n in shape)):  # fmt: skip
+                raise InputError(f"{path}: mask {name} has no valid shape ({shape!r})")
+            packed = f.get_slice(name)
+            if packed.get_dtype() != "U8" or packed.get_shape() != [-(-shape[0] * shape[1] // 8)]:
+                raise InputError(
+                    f"{path}: mask {name} holds {packed.get_dtype()} {packed.get_shape()}, not "
+                    f"the packed bits of a {shape[0]} x {shape[1]} mask"
+                )
+            out[name] = (shape[0], shape[1])
+    return out
+
+
 def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Boolean masks (True = pruned) by Linear name from a ``masks.safetensors``."""
-    from safetensors import safe_open
+    from polyprune.weights import open_safetensors
 
-    with safe_open(str(path), "pt") as f:
-        shapes = json.loads(f.metadata()["shapes"])
-    packed = load_file(str(path))
-    return {name: unpack_mask(packed[name], tuple(shape)) for name, shape in shapes.items()}
+    shapes = read_mask_shapes(path)
+    with open_safetensors(path) as f:
+        return {name: unpack_mask(f.get_tensor(name), shape) for name, shape in shapes.items()}
 
 
 def save_gptq(model, path: Path, quant: dict, quant_cfg, version: str, dtype) -> str:

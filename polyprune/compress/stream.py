@@ -44,6 +44,7 @@ from polyprune.compress.export import MASKS, gptq_config_files, masks_metadata
 from polyprune.compress.gptq_format import pack_linear
 from polyprune.errors import InputError
 from polyprune.models import find_blocks, get_weight
+from polyprune.weights import drop_ignorable, fit_error, open_safetensors, unfit_keys, weight_files
 
 __all__ = [
     "Checkpoint",
@@ -126,18 +127,11 @@ class Checkpoint:
 
     def __init__(self, path: str | Path, model: nn.Module):
         self.path = Path(path)
-        if (self.path / INDEX).is_file():
-            weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
-        elif (self.path / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(self.path / "model.safetensors"), "pt") as f:
-                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
-        else:
-            raise InputError(f"{str(self.path)!r} holds no safetensors checkpoint to stream")
+        weight_map = self._weight_map()
         # Hub checkpoints of some models omit the base model's prefix (GPT-2's "h.0..."); the
         # model's own state_dict names are used throughout, as save_pretrained writes them.
-        names = set(model.state_dict())
+        state = model.state_dict(keep_vars=True)
+        names = set(state)
         base = getattr(model, "base_model_prefix", "")
         self.where: dict[str, tuple[str, str]] = {}  # model name -> (file, checkpoint key)
         unknown = []
@@ -147,11 +141,39 @@ class Checkpoint:
                 unknown.append(key)
             else:
                 self.where[name] = (file, key)
-        if unknown:
-            raise InputError(
-                f"checkpoint {str(self.path)!r} has tensors the model does not know "
-                f"({', '.join(sorted(unknown)[:3])}); load it in memory instead (--no-stream)"
-            )
+        # Every weight is accounted for before any block is compressed: a weight that is
+        # missing would otherwise stop the run midway, or be left random.
+        missing = unfit_keys(model, names, self.where)[0]
+        unexpected = drop_ignorable(model, (), unknown)[1]
+        mismatched = sorted(
+            name for name, (_, key) in self.where.items()
+            if list(state[name].shape) != self._shapes[key]
+        )  # fmt: skip
+        error = fit_error(f"checkpoint {str(self.path)!r}", model, missing, unexpected, mismatched)
+        if error is not None:
+            raise error
+
+    def _weight_map(self) -> dict[str, str]:
+        """Checkpoint key -> file, from the shards' own headers (each checked), and checked
+        against the index if there is one."""
+        files = [f for f in weight_files(self.path) if f.suffix == ".safetensors"]
+        if not files:
+            raise InputError(f"{str(self.path)!r} holds no safetensors checkpoint to stream")
+        weight_map, self._shapes = {}, {}
+        for file in files:
+            with open_safetensors(file) as f:
+                for key in f.keys():  # noqa: SIM118 (a safe_open handle is no dict)
+                    weight_map[key] = file.name
+                    self._shapes[key] = list(f.get_slice(key).get_shape())
+        if (self.path / INDEX).is_file():
+            listed = json.loads((self.path / INDEX).read_text())["weight_map"]
+            for key, file in listed.items():
+                if weight_map.get(key) != file:
+                    raise InputError(
+                        f"{self.path / INDEX} places {key} in {file}, which does not hold it"
+                    )
+            weight_map = {k: v for k, v in weight_map.items() if k in listed}
+        return weight_map
 
     def names(self) -> list[str]:
         return list(self.where)
@@ -159,24 +181,20 @@ class Checkpoint:
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The tensors ``names``, each shard opened once and closed again (so no mapping of a
         whole shard stays resident)."""
-        from safetensors import safe_open
-
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.where[name][0], []).append(name)
         out = {}
         for file, group in by_file.items():
-            with safe_open(str(self.path / file), "pt") as f:
+            with open_safetensors(self.path / file) as f:
                 for name in group:
                     out[name] = f.get_tensor(self.where[name][1])
         return out
 
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's first floating-point tensor."""
-        from safetensors import safe_open
-
         for file, key in self.where.values():
-            with safe_open(str(self.path / file), "pt") as f:
+            with open_safetensors(self.path / file) as f:
                 t = f.get_slice(key)
                 dtype = {v: k for k, v in _ST_DTYPES.items()}.get(t.get_dtype())
                 if dtype is not None and dtype.is_floating_point:

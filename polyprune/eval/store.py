@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from polyprune.errors import InputError
+
 __all__ = ["ResultRow", "ResultStore"]
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (cell_id, task, lang, metric)
 );
 """
+_CELL_COLUMNS = ("cell_id", "label", "config", "seconds", "unavailable", "finished_at")
 RESULT_COLUMNS = ("cell_id", "model", "method", "level", "mix", "seed", "task", "lang",
                   "metric", "value", "n", "config")  # fmt: skip
 
@@ -70,8 +73,34 @@ class ResultStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(self.path, timeout=60)
         self.conn.row_factory = sqlite3.Row
-        with self.conn:
-            self.conn.executescript(_SCHEMA)
+        try:
+            self._check()
+            with self.conn:
+                self.conn.executescript(_SCHEMA)
+        except (sqlite3.DatabaseError, InputError) as e:
+            self.conn.close()
+            why = str(e) if isinstance(e, InputError) else f"not a readable SQLite database: {e}"
+            raise InputError(
+                f"results store {self.path} is {why}; move it aside (e.g. rename it to "
+                f"{self.path.name}.bad) to start a new store"
+            ) from e
+
+    def _check(self) -> None:
+        """A new file, or a whole, readable SQLite file with this store's tables (checked before
+        anything is written to it): a damaged page would otherwise surface midway through a
+        matrix, and another program's database would get this store's tables added."""
+        status = self.conn.execute("PRAGMA quick_check").fetchone()[0]
+        if status != "ok":
+            raise sqlite3.DatabaseError(status)
+        tables = {
+            r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if tables and not {"cells", "results"} <= tables:
+            raise InputError(f"a SQLite file of other tables ({', '.join(sorted(tables)[:3])})")
+        for table, want in (("cells", _CELL_COLUMNS), ("results", RESULT_COLUMNS)):
+            have = tuple(r[1] for r in self.conn.execute(f"PRAGMA table_info({table})"))
+            if have and have != want:
+                raise InputError(f"a SQLite file whose {table} table is not this store's")
 
     def close(self) -> None:
         self.conn.close()
