@@ -178,8 +178,9 @@ def _quant_type(file_type: int | None) -> str:
 
 
 def _check_supported(path: Path, header: dict) -> None:
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as ok
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
+    ok = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
     arch = str(header["architecture"])
     names = {arch, arch.replace("-", "_"), arch.replace("moe", "_moe")}
     if not names & set(ok) and "t5" not in arch:
