@@ -120,8 +120,10 @@ def test_named_model_is_a_gemma3_text_checkpoint_from_a_q4_k_m_gguf(real_cache):
     assert source["sha256"].startswith(Path(path).name.split("-")[1])
 
 
-def test_converted_files_get_the_mode_open_gives(gemma_dir):
-    for f in Path(gemma_dir).iterdir():
+def test_converted_files_get_the_modes_mkdir_and_open_give(tmp_path):
+    out = Path(resolve_model_path(write_tiny_llama_gguf(tmp_path / "tiny.gguf")))
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    for f in out.iterdir():
         assert f.stat().st_mode & 0o777 == 0o666 & ~_umask(), f.name
 
 
