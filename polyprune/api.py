@@ -44,6 +44,7 @@ from polyprune.compress.stream import (
 from polyprune.data.mix import SAMPLING_MODES, CalibrationMix, build_calibration_set
 from polyprune.data.sources import get_source
 from polyprune.errors import InputError
+from polyprune.gguf import model_source
 from polyprune.models import (
     _dtype,
     find_blocks,
@@ -361,6 +362,8 @@ def _manifest(
         "version": _version(),
         "command": command or f"polyprune.{'quantize' if method in QUANT_METHODS else 'prune'}()",
         "model": str(model_name),
+        # e.g. a GGUF converted in the cache: which file, which quantisation (Q4_K_M, ...)
+        "source": model_source(model_name),
         "kind": "quantize" if method in QUANT_METHODS else "prune",
         "method": method,
         "settings": settings,

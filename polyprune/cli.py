@@ -119,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("prune", parents=[common], help="prune a model with a calibration mix")
-    p.add_argument("--model", required=True, help="hub id, local HF directory, or demo")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="hub id, local HF directory, .gguf file, demo or gemma-3-270m",
+    )
     p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"])
     p.add_argument(
         "--sparsity",
@@ -146,7 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-masks", action="store_true", help="also write masks.safetensors")
 
     q = sub.add_parser("quantize", parents=[common], help="quantise a model (GPTQ or RTN)")
-    q.add_argument("--model", required=True, help="hub id, local HF directory, or demo")
+    q.add_argument(
+        "--model",
+        required=True,
+        help="hub id, local HF directory, .gguf file, demo or gemma-3-270m",
+    )
     q.add_argument("--method", required=True, choices=["gptq", "rtn"])
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
     _add_grid_args(q)
@@ -235,7 +243,11 @@ def _add_eval_commands(sub, common: argparse.ArgumentParser) -> None:
     e = sub.add_parser(
         "eval", parents=[common], help="perplexity and lm-eval tasks per language, to JSON"
     )
-    e.add_argument("--model", required=True, help="hub id, local HF directory, or demo")
+    e.add_argument(
+        "--model",
+        required=True,
+        help="hub id, local HF directory, .gguf file, demo or gemma-3-270m",
+    )
     e.add_argument("--langs", required=True, help="evaluation languages, e.g. de,en,sw")
     e.add_argument(
         "--tasks",

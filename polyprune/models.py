@@ -39,7 +39,11 @@ DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo"
 
 
 def resolve_model_path(spec: str | os.PathLike) -> str:
-    """``demo`` -> the bundled model; an existing path -> itself; ``org/name`` -> hub id."""
+    """``demo`` -> the bundled model; ``gemma-3-270m`` (a named offline model) or a ``.gguf``
+    file or a folder holding one -> its HF checkpoint converted once into the cache (see
+    polyprune.gguf); an existing HF directory -> itself; ``org/name`` -> hub id."""
+    from polyprune import gguf
+
     spec = str(spec)
     if spec == "demo":
         if not (DEMO_MODEL_DIR / "config.json").is_file():
@@ -47,18 +51,26 @@ def resolve_model_path(spec: str | os.PathLike) -> str:
                 f"the demo model is missing from {DEMO_MODEL_DIR}; reinstall polyprune"
             )
         return str(DEMO_MODEL_DIR)
+    if spec in gguf.NAMED_MODELS:
+        return gguf.resolve_named(spec)
     if os.path.exists(spec):
+        if gguf.find_gguf(spec) is not None:
+            return gguf.resolve_gguf(spec)
         if not os.path.isdir(spec) or not os.path.isfile(os.path.join(spec, "config.json")):
-            raise InputError(f"model path {spec!r} is not a directory with a config.json")
+            raise InputError(
+                f"model path {spec!r} is not a directory with a config.json, a .gguf file or "
+                "a directory with one"
+            )
         return spec
     parts = spec.split("/")
     looks_like_hub_id = (
         len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and "\\" not in spec
     )
     if not looks_like_hub_id:
+        named = ", ".join(gguf.NAMED_MODELS)
         raise InputError(
-            f"model path {spec!r} does not exist (expected a local directory, a hub id such as "
-            "meta-llama/Meta-Llama-3-8B, or demo)"
+            f"model path {spec!r} does not exist (expected a local directory, a .gguf file, a "
+            f"hub id such as meta-llama/Meta-Llama-3-8B, demo or {named})"
         )
     return spec
 

