@@ -75,7 +75,7 @@ def error_line(stderr: str) -> str:
 def test_second_run_on_the_same_out_fails_fast_and_the_first_finishes(tmp_path):
     out = tmp_path / "X"
     lock = tmp_path / ".X.lock"
-    first = start(prune_args(out, "wanda", 16))
+    first = start(prune_args(out, "wanda", 4))
     holder = str(first.pid)
     wait_for(lambda: lock.exists() and lock.read_text().split()[:1] == [holder], first)
     os.kill(first.pid, signal.SIGSTOP)  # the first run stays mid-run while the second starts
@@ -173,14 +173,14 @@ def test_file_that_appears_meanwhile_is_not_replaced_without_overwrite(tmp_path)
 # --- 2. killed runs ------------------------------------------------------------------------
 
 
-def _own_temp(folder: Path, pid: int):
-    return next((p for p in folder.glob(".X.tmp-*") if f"-{pid}-" in p.name), None)
+def _temp(folder: Path):
+    return next(iter(folder.glob(".X.tmp-*")), None)
 
 
 def test_sigterm_mid_run_exits_143_and_leaves_no_temporary(tmp_path):
     out = tmp_path / "X"
     proc = start(prune_args(out, "wanda", 32))
-    wait_for(lambda: _own_temp(tmp_path, proc.pid), proc)  # streaming: written as it runs
+    wait_for(lambda: _temp(tmp_path), proc)  # streaming: written as it runs
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143
     assert (
@@ -194,10 +194,11 @@ def test_sigterm_mid_run_exits_143_and_leaves_no_temporary(tmp_path):
 def test_sigkill_leaves_a_temporary_that_the_next_run_removes(tmp_path):
     out = tmp_path / "X"
     proc = start(prune_args(out, "wanda", 32))
-    left = wait_for(lambda: _own_temp(tmp_path, proc.pid), proc)
+    left = wait_for(lambda: _temp(tmp_path), proc)
     proc.kill()
     proc.wait(timeout=60)
     assert left.exists()  # nothing can clean up after SIGKILL ...
+    assert f"-{proc.pid}-" in left.name  # ... so the temporary names its owner
     again = run(prune_args(out, "magnitude"))  # ... but the next run into the folder does
     assert again.returncode == 0, again.stderr
     assert not left.exists()
@@ -212,6 +213,17 @@ def test_stale_temporaries_of_live_processes_and_other_hosts_are_kept(tmp_path):
         p.mkdir()
     remove_stale(tmp_path)
     assert all(p.exists() for p in (other_host, unrelated))
+
+
+def test_output_set_aside_by_a_killed_overwrite_is_put_back(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    old = tmp_path / f".X.old-{_HOST}-{dead.pid}-abcd1234"  # killed between the two renames
+    old.mkdir()
+    (old / "theirs").write_text("old")
+    remove_stale(tmp_path)
+    assert (tmp_path / "X" / "theirs").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["X"]
 
 
 # --- 3. output inside the model -------------------------------------------------------------
@@ -297,7 +309,7 @@ def test_read_only_output_fails_before_any_work(read_only_dir, command):
 
 
 def _file_size_limit(limit: int):
-    def preexec():  # SIGXFSZ keeps its default (kill): polyprune itself must ignore it
+    def preexec():  # SIGXFSZ: CPython ignores it at startup, so the write gets EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     return preexec
