@@ -226,6 +226,26 @@ def test_output_set_aside_by_a_killed_overwrite_is_put_back(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["X"]
 
 
+def test_temporary_of_a_dead_pid_is_kept_while_its_output_is_locked(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    # a writer in another pid namespace with the same hostname: its pid means nothing here
+    tmp = tmp_path / f".X.tmp-{_HOST}-{dead.pid}-abcd1234"
+    tmp.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(tmp_path / "X"), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        remove_stale(tmp_path)
+        assert tmp.exists()
+    finally:
+        release.set()
+        holder.join(60)
+    assert remove_stale(tmp_path) == [tmp]
+
+
 # --- 3. output inside the model -------------------------------------------------------------
 
 

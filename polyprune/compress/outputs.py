@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import logging
 import os
 import re
@@ -134,7 +135,7 @@ def remove_stale(parent: str | os.PathLike) -> list[Path]:
             if _LOCK_RE.match(entry.name):
                 _remove_lock_if_free(Path(entry.path))
             continue
-        if m["host"] != _HOST or _pid_alive(int(m["pid"])):
+        if not _is_stale(entry, m):
             continue
         path, target = Path(entry.path), parent / m["name"]
         try:
@@ -152,6 +153,21 @@ def remove_stale(parent: str | os.PathLike) -> list[Path]:
         logger.warning("removed %s, left by killed process %s", path, m["pid"])
         removed.append(path)
     return removed
+
+
+def _is_stale(entry: os.DirEntry, m: re.Match) -> bool:
+    """Left by a dead process. The pid alone is not enough where containers share a hostname
+    but not a pid namespace: a staging folder also needs its output's lock to be free (a live
+    writer holds it), and a file (never locked) must be a minute old."""
+    if m["host"] != _HOST or _pid_alive(int(m["pid"])):
+        return False
+    lock = Path(entry.path).parent.resolve() / f".{m['name']}.lock"
+    if lock not in _held and _lock_busy(lock):  # held by this process: no one else writes it
+        return False
+    try:
+        return entry.is_dir(follow_symlinks=False) or time.time() - entry.stat().st_mtime > 60
+    except OSError:
+        return False
 
 
 # --- the lock ------------------------------------------------------------------------------
@@ -190,6 +206,24 @@ def _remove_lock_if_free(path: Path) -> None:
         os.close(fd)
 
 
+def _lock_busy(path: Path) -> bool:
+    """Whether some process holds the lock file ``path`` (tested by taking it for an instant;
+    ``_acquire`` retries briefly, so such a test never turns a real run away)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # also releases the lock just taken
+    return False
+
+
 def _holder(fd: int) -> str:
     """The pid written by the lock's holder (it may be a moment behind taking the lock)."""
     for _ in range(20):
@@ -207,6 +241,17 @@ def _ensure_parent(out: Path) -> None:
         raise InputError(f"cannot create the folder of output {out}: {e.strerror}") from e
 
 
+def _flock_soon(fd: int) -> None:
+    """Lock, retrying for a moment: cleanups and stale checks hold locks for an instant."""
+    for _ in range(10):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.02)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def _acquire(lock: Path, out: Path) -> int | None:
     while True:
         try:
@@ -214,7 +259,7 @@ def _acquire(lock: Path, out: Path) -> int | None:
         except OSError as e:
             raise InputError(f"cannot write to {out.parent}: {e.strerror}") from e
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_soon(fd)
         except BlockingIOError:
             pid = _holder(fd)
             os.close(fd)
@@ -344,7 +389,11 @@ def _put_in_place(tmp: Path, out: Path, overwrite: bool) -> None:
         if occupied:
             old = out.parent / f"{_temp_prefix(out.name, 'old')}{secrets.token_hex(4)}"
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:  # Ctrl-C or SIGTERM between the renames: undo the first
+                old.rename(out)
+                raise
             shutil.rmtree(old, ignore_errors=True)
             return
     tmp.rename(out)
@@ -357,16 +406,18 @@ def staged_output(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     with output_lock(out) as out:
         check_output_dir(out, overwrite)
         remove_stale(out.parent)
+        prefix, tmp = _temp_prefix(out.name), None
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out.name), dir=out.parent))
-        except OSError as e:
-            raise InputError(f"cannot write to {out.parent}: {e.strerror}") from e
-        try:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
             chmod_like_mkdir(tmp)
             yield tmp
             _put_in_place(tmp, out, overwrite)
         except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+            # By name, not by ``tmp``: a signal may land between mkdtemp and the assignment.
+            for own in out.parent.glob(glob.escape(prefix) + "*"):
+                shutil.rmtree(own, ignore_errors=True)
+            if tmp is None and isinstance(e, OSError):
+                raise OutputWriteError(f"cannot write to {out.parent}: {e.strerror}") from e
             _raise_if_write_failure(e, out)
             raise
     logger.info("wrote %s", out)
