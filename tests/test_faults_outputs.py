@@ -299,24 +299,21 @@ def read_only_dir(tmp_path):
         subprocess.run(["umount", str(ro)], check=False)
 
 
-@pytest.mark.parametrize("command", ["prune", "eval", "analyze"])
-def test_read_only_output_fails_before_any_work(read_only_dir, command):
+def matrix_config(path: Path, workdir: Path) -> Path:
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    path.write_text(demo.read_text().replace("workdir: runs/matrix-demo", f"workdir: {workdir}"))
+    return path
+
+
+@pytest.mark.parametrize("command", ["prune", "eval", "analyze", "matrix"])
+def test_read_only_output_fails_before_any_work(tmp_path, read_only_dir, command):
     out = read_only_dir / ("r.json" if command == "eval" else "X")
+    analyze = ["analyze", "--dense", "demo", "--compressed", "demo", "--langs", "en"]
     args = {
         "prune": prune_args(out),
         "eval": ["eval", "--model", "demo", "--langs", "en", "--out", out, "-q"],
-        "analyze": [
-            "analyze",
-            "--dense",
-            "demo",
-            "--compressed",
-            "demo",
-            "--langs",
-            "en",
-            "--out",
-            out,
-            "-q",
-        ],  # fmt: skip
+        "analyze": [*analyze, "--out", out, "-q"],
+        "matrix": ["matrix", matrix_config(tmp_path / "m.yaml", out), "-q"],
     }[command]
     res = run(args)
     assert res.returncode == 2
