@@ -425,7 +425,7 @@ def _cmd_analyze(args) -> int:
     )  # fmt: skip
     check_output_dir(args.out, args.overwrite)
     sources = [d for m in (args.dense, *args.compressed) for d in _model_dirs(m)]
-    check_not_source(args.out, sources)
+    check_not_source(args.out, sources, inside_ok=True)  # a report beside the weights is harmless
     check_writable(os.path.dirname(os.path.abspath(args.out)))
     if args.device.startswith("cuda"):
         import torch

@@ -330,15 +330,17 @@ def check_output_file(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-def check_not_source(out: str | os.PathLike, sources: Iterable[str | os.PathLike]) -> None:
-    """Refuse an output that is, is inside, or contains an input directory (symlinks resolved):
-    writing it would replace or delete the input."""
+def check_not_source(
+    out: str | os.PathLike, sources: Iterable[str | os.PathLike], inside_ok: bool = False
+) -> None:
+    """Refuse an output that is, contains, or (unless ``inside_ok``) is inside an input
+    directory, symlinks resolved: writing it would replace, delete or add to the input."""
     target = Path(out).resolve()
     for src in sources:
         src = Path(src).resolve()
         if target == src:
             raise InputError(f"output {str(out)!r} is the model directory itself; choose another")
-        if target.is_relative_to(src):
+        if target.is_relative_to(src) and not inside_ok:
             raise InputError(f"output {str(out)!r} is inside the model directory {str(src)!r}")
         if src.is_relative_to(target):
             raise InputError(f"output {str(out)!r} contains the model directory {str(src)!r}")
