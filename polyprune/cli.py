@@ -515,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     old_handlers = _install_signals()
     try:
         return _main(argv)
+    except _Terminated:  # here, not in _main: a TERM may come during parsing or imports
+        sys.stderr.write("polyprune: terminated; outputs are written only when complete\n")
+        return 143
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
@@ -552,9 +555,6 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("polyprune: interrupted; outputs are written only when complete\n")
         return 130
-    except _Terminated:
-        sys.stderr.write("polyprune: terminated; outputs are written only when complete\n")
-        return 143
     return 1
 
 
