@@ -6,6 +6,8 @@ the calibration windows, runs the engine, and writes the output.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -27,7 +29,10 @@ from polyprune.compress.engine import (
 from polyprune.compress.export import (
     FORMATS,
     MANIFEST,
+    check_not_source,
     check_output_dir,
+    check_writable,
+    output_lock,
     save_compressed,
     staged_output,
 )
@@ -140,6 +145,35 @@ def _check_widths(model: nn.Module, cfg: EngineConfig, format: str) -> None:
                 check_packable(K, N, cfg.quant.bits, f"{prefix}.{b}.{name}")
 
 
+def _holding_output_lock(fn):
+    """Hold ``out``'s lock for the whole call, from before any work: a second run on the same
+    output fails at once instead of replacing the first's output at the end."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        out = sig.bind(*args, **kwargs).arguments.get("out")
+        if out is None:
+            return fn(*args, **kwargs)
+        with output_lock(out):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _model_dirs(model) -> list[str]:
+    """The local directory a model spec names (``demo`` included), if any."""
+    if isinstance(model, nn.Module):
+        return []
+    spec = str(model)
+    if spec == "demo":
+        from polyprune.models import DEMO_MODEL_DIR
+
+        return [str(DEMO_MODEL_DIR)]
+    return [spec] if os.path.isdir(spec) else []
+
+
+@_holding_output_lock
 def compress(
     model: str | os.PathLike | nn.Module,
     method: str,
@@ -210,6 +244,8 @@ def compress(
             src.check_language(lang)
     if out is not None:
         check_output_dir(out, overwrite)
+        check_not_source(out, _model_dirs(model))
+        check_writable(os.path.dirname(os.path.abspath(out)))
 
     # Config (max positions), tokenizer, then the calibration windows (too little text): all
     # before the weights are loaded.

@@ -1,6 +1,7 @@
 """The ``polyprune`` command. Parsing only: the work is done by the library.
 
-Exit codes: 0 done, 2 bad input (one line on stderr), 1 anything else.
+Exit codes: 0 done, 2 bad input (one line on stderr), 1 anything else, 130 interrupted
+(SIGINT), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
 
 from polyprune.errors import InputError
@@ -292,6 +294,7 @@ def _quiet_bars(args) -> None:
 
 
 def _cmd_eval(args) -> int:
+    from polyprune.compress.export import check_output_file, check_writable
     from polyprune.eval.evaluate import EvalSettings, PplSettings, evaluate, write_json
 
     _quiet_bars(args)
@@ -301,8 +304,8 @@ def _cmd_eval(args) -> int:
         num_fewshot=args.num_fewshot, batch_size=args.batch_size,
     )  # fmt: skip
     ev.check()
-    if os.path.exists(args.out) and not args.overwrite:
-        raise InputError(f"output {args.out!r} exists; use --overwrite")
+    check_output_file(args.out, args.overwrite)
+    check_writable(os.path.dirname(os.path.abspath(args.out)))
     report = evaluate(args.model, ev, args.device, args.dtype, progress=not args.quiet)
     report["command"] = shlex.join(["polyprune", *args.argv])
     write_json(report, args.out, args.overwrite)
@@ -321,6 +324,11 @@ def _cmd_matrix(args) -> int:
 
     _quiet_bars(args)
     cfg = load_config(args.config)
+    if not args.dry_run:
+        from polyprune.compress.export import check_writable
+
+        check_writable(cfg.store_path.parent)
+        check_writable(cfg.tables_dir)
     if not args.tables_only:
         report = run_matrix(cfg, args.executor, dry_run=args.dry_run, progress=not args.quiet)
         if args.dry_run:
@@ -409,7 +417,13 @@ def _summary(manifest: dict, out: str) -> None:
 def _cmd_analyze(args) -> int:
     from polyprune.analysis.analyze import AnalysisConfig, analyze
     from polyprune.analysis.report import write_report
-    from polyprune.compress.export import check_output_dir
+    from polyprune.api import _model_dirs
+    from polyprune.compress.export import (
+        check_not_source,
+        check_output_dir,
+        check_writable,
+        output_lock,
+    )
 
     cfg = AnalysisConfig(
         langs=tuple(x.strip() for x in args.langs.split(",") if x.strip()),
@@ -422,13 +436,17 @@ def _cmd_analyze(args) -> int:
         progress=not args.quiet,
     )  # fmt: skip
     check_output_dir(args.out, args.overwrite)
+    sources = [d for m in (args.dense, *args.compressed) for d in _model_dirs(m)]
+    check_not_source(args.out, sources, inside_ok=True)  # a report beside the weights is harmless
+    check_writable(os.path.dirname(os.path.abspath(args.out)))
     if args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise InputError(f"device {args.device!r} asked for, but torch sees no CUDA device")
-    metrics = analyze(args.dense, args.compressed, cfg)
-    out = write_report(metrics, args.out, args.overwrite)
+    with output_lock(args.out):
+        metrics = analyze(args.dense, args.compressed, cfg)
+        out = write_report(metrics, args.out, args.overwrite)
     figures = sorted(p.name for p in out.glob("*.png"))
     print(f"metrics     {', '.join(metrics['metrics'])}")
     if "snr" in metrics:
@@ -486,7 +504,38 @@ def _cmd_data(args) -> int:
     return 0
 
 
+class _Terminated(BaseException):
+    """SIGTERM (timeout, Slurm, docker stop), raised where the program is, so that staged
+    outputs and locks are cleaned up by the normal unwinding, as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup short
+    raise _Terminated
+
+
+def _install_signals() -> dict:
+    """SIGTERM handled like SIGINT; returns the old handlers. (SIGXFSZ needs nothing: CPython
+    ignores it at startup, so a write over the file size limit fails with EFBIG.)"""
+    try:
+        return {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm)}
+    except ValueError:  # not the main thread: leave signals alone
+        return {}
+
+
 def main(argv: list[str] | None = None) -> int:
+    old_handlers = _install_signals()
+    try:
+        return _main(argv)
+    except _Terminated:  # here, not in _main: a TERM may come during parsing or imports
+        sys.stderr.write("polyprune: terminated; outputs are written only when complete\n")
+        return 143
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv

@@ -2,34 +2,44 @@
 
 Everything is written to a temporary directory beside ``out`` and renamed into place, so an
 interrupted run leaves either the old output or the new one, never half of one. An existing
-non-empty ``out`` is refused unless ``overwrite``.
+non-empty ``out`` is refused unless ``overwrite``. The staging, the lock and the checks live in
+:mod:`polyprune.compress.outputs`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from polyprune.compress.masks import unpack_mask
+from polyprune.compress.outputs import (
+    check_not_source,
+    check_output_dir,
+    check_output_file,
+    check_writable,
+    output_lock,
+    staged_output,
+    write_file_atomic,
+)
 from polyprune.errors import InputError
 
 __all__ = [
     "FORMATS",
     "MANIFEST",
     "MASKS",
+    "check_not_source",
     "check_output_dir",
+    "check_output_file",
+    "check_writable",
     "gptq_config_files",
     "load_masks",
     "masks_metadata",
+    "output_lock",
     "read_mask_shapes",
     "save_compressed",
     "save_masks",
@@ -41,67 +51,6 @@ logger = logging.getLogger(__name__)
 MANIFEST = "polyprune.json"
 MASKS = "masks.safetensors"
 FORMATS = ("dense", "gptq")
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def chmod_like_mkdir(path: Path) -> None:
-    """mkdtemp makes 0700 directories; an output should get what ``mkdir`` would give it."""
-    path.chmod(0o777 & ~_umask())
-
-
-def write_file_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """``write(tmp)`` writes a temporary file beside ``path``, which is then renamed onto
-    ``path`` with the mode ``open`` would give it (mkstemp makes 0600 files); on any error the
-    temporary file is removed and ``path`` is left as it was."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing non-empty output unless ``overwrite``; call before any work."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"output directory {str(out)!r} exists and is not empty; use --overwrite")
-    return out
-
-
-@contextlib.contextmanager
-def staged_output(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside ``out`` to write into; renamed to ``out`` when the block
-    ends without an exception, removed otherwise."""
-    out = check_output_dir(out, overwrite).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    chmod_like_mkdir(tmp)
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("wrote %s", out)
 
 
 def masks_metadata(shapes: dict[str, list[int]]) -> dict[str, str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from polyprune.compress.export import write_file_atomic
+from polyprune.compress.export import check_output_file, write_file_atomic
 from polyprune.errors import InputError
 from polyprune.eval.store import ResultRow
 
@@ -117,10 +117,11 @@ def evaluate(
 
 
 def write_json(obj, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``obj`` as JSON to a temporary file beside ``out`` and rename it into place."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"output {str(out)!r} exists; use --overwrite")
+    """Write ``obj`` as JSON to a temporary file beside ``out`` and rename it into place; an
+    ``out`` that appeared meanwhile is replaced only with ``overwrite``."""
+    out = check_output_file(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-    return write_file_atomic(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return write_file_atomic(
+        out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), overwrite=overwrite
+    )
