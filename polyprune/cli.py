@@ -503,10 +503,13 @@ def _cmd_data(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_program = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    if args.quiet:  # before tqdm is first imported: it reads its environment switch then
+    if args.quiet and as_program:
+        # Before tqdm is first imported (it reads its environment switch then), and for child
+        # processes; not from a caller's process, whose environment is not ours to change.
         os.environ.setdefault("TQDM_DISABLE", "1")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
