@@ -17,7 +17,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from polyprune.checks import check_device
+from polyprune.checks import check_device, check_dtype
 from polyprune.compress.engine import (
     METHODS,
     QUANT_METHODS,
@@ -184,6 +184,7 @@ def compress(
     if format == "gptq" and quant is None:
         raise InputError("--format gptq needs quantised weights (--bits with sparsegpt)")
     check_device(device)
+    check_dtype(dtype)
     prune_cfg = prune_cfg or PruneConfig()
     engine_cfg = EngineConfig(
         method=method, prune=prune_cfg, device=device, batch_size=batch_size, offload=offload,

@@ -8,10 +8,19 @@ import re
 
 from polyprune.errors import InputError, shorten
 
-__all__ = ["MAX_SEED", "check_device", "check_finite", "check_int", "check_seed"]
+__all__ = [
+    "DTYPES",
+    "MAX_SEED",
+    "check_device",
+    "check_dtype",
+    "check_finite",
+    "check_int",
+    "check_seed",
+]
 
 MAX_SEED = 2**32 - 1  # numpy takes any seed >= 0, but a seed must also fit SQLite and JSON
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # what models._dtype maps
 
 
 def check_device(device: object) -> None:
@@ -31,6 +40,17 @@ def check_device(device: object) -> None:
             f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA "
             f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
         )
+
+
+def check_dtype(dtype: object) -> None:
+    """A dtype name (or a torch.dtype from Python), before anything is loaded: the loader
+    would find a bad one only after the calibration windows were built."""
+    if dtype is None or (isinstance(dtype, str) and dtype in DTYPES):
+        return
+    import torch
+
+    if not isinstance(dtype, torch.dtype):
+        raise InputError(f"unknown dtype {shorten(dtype)}; allowed: {', '.join(DTYPES)}")
 
 
 def check_seed(seed: object, name: str = "seed") -> None:

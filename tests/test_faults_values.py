@@ -83,6 +83,9 @@ ANALYZE = ["analyze", "--dense", "demo", "--compressed", "missing-run", "--langs
         (PRUNE[:-1] + ["1"], "seqlen must be an integer >= 2, got 1"),
         (QUANT[:-1] + ["1"], "seqlen must be an integer >= 2, got 1"),
         (EVAL + ["--device", "foo"], "unknown device 'foo'"),
+        (EVAL + ["--dtype", "foo"], "unknown dtype 'foo'; allowed: auto, float32, float16"),
+        (PRUNE + ["--dtype", "fp8", "--no-stream"], "unknown dtype 'fp8'"),
+        (ANALYZE + ["--dtype", "half"], "unknown dtype 'half'"),
         (EVAL + ["--num-fewshot", "-1"], "num_fewshot must be >= 0, got -1"),
         (ANALYZE + ["--device", "meta"], "unknown device 'meta'"),
         (["data", "show", "de", "--seed", "-5"], "seed -5 must be an integer"),
@@ -112,6 +115,7 @@ def test_bad_value_is_one_line_exit_2_before_loading(
         ({"store": "../outside.sqlite"}, "config: store '../outside.sqlite' is outside workdir"),
         ({"store": "/tmp/polyprune-elsewhere.sqlite"}, "is outside workdir"),
         ({"device": "meta"}, "unknown device 'meta'"),
+        ({"dtype": "fp8"}, "unknown dtype 'fp8'"),
     ],
 )
 def test_bad_matrix_value_is_one_line_exit_2(tmp_path, capsys, changes, message):

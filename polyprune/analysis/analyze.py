@@ -40,7 +40,7 @@ from polyprune.analysis.lape import (
 )
 from polyprune.analysis.lsar import lsar_subspace, projected_change, projected_norms
 from polyprune.analysis.snr import LayerErrorStats
-from polyprune.checks import check_device
+from polyprune.checks import check_device, check_dtype
 from polyprune.errors import InputError
 
 __all__ = ["METRICS", "AnalysisConfig", "Run", "analyze", "describe_runs", "heldout_windows"]
@@ -97,6 +97,7 @@ class AnalysisConfig:
             if not 0 < v < 1:
                 raise InputError(f"--{name} {v} must be in (0, 1)")
         check_device(self.device)
+        check_dtype(self.dtype)
         if self.lsar_rank is not None and not 1 <= self.lsar_rank <= len(self.langs) - 1:
             raise InputError(
                 f"--lsar-rank {self.lsar_rank} must be in [1, {len(self.langs) - 1}] for "

@@ -102,12 +102,13 @@ def evaluate(
     progress: bool = True,
 ) -> dict:  # fmt: skip
     """Load ``model`` (hub id, directory or ``demo``) and evaluate it: the JSON-ready report."""
-    from polyprune.checks import check_device
+    from polyprune.checks import check_device, check_dtype
     from polyprune.models import load_model, resolve_model_path
 
     t0 = time.perf_counter()
     ev.check()
     check_device(device)
+    check_dtype(dtype)
     loaded = load_model(resolve_model_path(model), device=device, dtype=dtype)
     rows, unavailable = evaluate_model(loaded.model, loaded.tokenizer, ev, device, progress)
     return {

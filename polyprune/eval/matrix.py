@@ -204,7 +204,7 @@ class MatrixConfig:
 
     def check(self) -> None:
         """Everything that can be checked without loading weights or running anything."""
-        from polyprune.checks import check_device
+        from polyprune.checks import check_device, check_dtype
         from polyprune.compress.masks import Pattern
         from polyprune.compress.quant import QuantConfig
         from polyprune.data.mix import CalibrationMix, check_calibration
@@ -235,6 +235,7 @@ class MatrixConfig:
             except InputError as e:
                 raise InputError(f"config: {e}") from None
         check_device(self.device)
+        check_dtype(self.dtype)
         _check_store(self.workdir, self.store)
         needs_data = any(m not in DATA_FREE for m in self.methods)
         if needs_data:
