@@ -4,6 +4,7 @@ Most cases run in-process (``main([...])``, imports paid once); a few run as rea
 to check what a user's terminal gets: no traceback, exactly one line.
 """
 
+import json
 import logging
 import subprocess
 import sys
@@ -123,6 +124,20 @@ def test_bad_matrix_value_is_one_line_exit_2(tmp_path, capsys, changes, message)
     assert cli("matrix", cfg, "--dry-run") == 2
     assert message in _one_error_line(capsys.readouterr().err, "matrix")
     assert not (tmp_path / "outside.sqlite").exists()
+
+
+def test_analyze_seqlen_above_the_models_positions_is_refused(tmp_path, capsys, forbid_loading):
+    run = tmp_path / "run"  # a run's manifest and config are all analyze reads before loading
+    run.mkdir()
+    (run / "config.json").write_bytes((DEMO_MODEL_DIR / "config.json").read_bytes())
+    manifest = {"method": "magnitude", "kind": "prune", "calibration": None,
+                "settings": {"sparsity": 0.5, "pattern": "unstructured"}}  # fmt: skip
+    (run / "polyprune.json").write_text(json.dumps(manifest))
+    args = ["analyze", "--dense", "demo", "--compressed", run, "--langs", "de,en", "--metrics",
+            "snr", "--nsamples", "2", "--seqlen", "1024", "--out", tmp_path / "r"]  # fmt: skip
+    assert cli(*args) == 2
+    line = _one_error_line(capsys.readouterr().err, "analyze")
+    assert "--seqlen 1024 is above the model's maximum positions (512)" in line
 
 
 def test_a_long_value_is_cut_in_the_error_line(tmp_path, capsys):

@@ -477,7 +477,13 @@ def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, token
     the compressed output directories; returns the metrics dict written as metrics.json."""
     from polyprune.api import _skeleton
     from polyprune.data.sources import get_source
-    from polyprune.models import find_blocks, load_config, load_model, load_tokenizer
+    from polyprune.models import (
+        find_blocks,
+        load_config,
+        load_model,
+        load_tokenizer,
+        max_positions,
+    )
 
     if not compressed:
         raise InputError("no compressed runs given (--compressed DIR ...)")
@@ -486,6 +492,9 @@ def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, token
     for lang in cfg.langs:
         src.check_language(lang)
     config = load_config(dense)
+    limit = max_positions(config)  # longer windows run past the position embeddings
+    if limit is not None and cfg.seqlen > limit:
+        raise InputError(f"--seqlen {cfg.seqlen} is above the model's maximum positions ({limit})")
     n_blocks = len(find_blocks(_skeleton(config))[1])
     for r in runs:
         rc = load_config(str(r.path))
