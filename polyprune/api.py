@@ -19,6 +19,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from polyprune.checks import check_device, check_dtype
 from polyprune.compress.engine import (
     METHODS,
     QUANT_METHODS,
@@ -46,7 +47,7 @@ from polyprune.compress.stream import (
     local_checkpoint,
     parse_size,
 )
-from polyprune.data.mix import SAMPLING_MODES, CalibrationMix, build_calibration_set
+from polyprune.data.mix import CalibrationMix, build_calibration_set, check_calibration
 from polyprune.data.sources import get_source
 from polyprune.errors import InputError
 from polyprune.gguf import model_source
@@ -217,12 +218,8 @@ def compress(
         raise InputError(f"unknown format {format!r}; allowed: {', '.join(FORMATS)}")
     if format == "gptq" and quant is None:
         raise InputError("--format gptq needs quantised weights (--bits with sparsegpt)")
-    if sampling not in SAMPLING_MODES:
-        raise InputError(
-            f"unknown sampling mode {sampling!r}; allowed: {', '.join(SAMPLING_MODES)}"
-        )
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but torch sees no CUDA device")
+    check_device(device)
+    check_dtype(dtype)
     prune_cfg = prune_cfg or PruneConfig()
     engine_cfg = EngineConfig(
         method=method, prune=prune_cfg, device=device, batch_size=batch_size, offload=offload,
@@ -235,6 +232,7 @@ def compress(
     needs_data = METHODS[method].stat is not None
     mix = None
     if needs_data:
+        check_calibration(nsamples, seqlen, seed, sampling)
         if calib is None:
             raise InputError(f"method {method} needs a calibration mix (--calib)")
         mix = calib if isinstance(calib, CalibrationMix) else CalibrationMix.parse(calib)

@@ -13,7 +13,7 @@ import shlex
 import signal
 import sys
 
-from polyprune.errors import InputError
+from polyprune.errors import InputError, one_line
 
 __all__ = ["main"]
 
@@ -24,28 +24,46 @@ class _Parser(argparse.ArgumentParser):
     """argparse with its errors as one line (no usage dump) and exit code 2."""
 
     def error(self, message: str):  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.stderr.write(f"{self.prog}: error: {one_line(message)}\n")
         sys.exit(2)
+
+
+class _Given(argparse.Action):
+    """``store``, and notes the flag in ``namespace.given``: which settings the user gave
+    explicitly (a data-free method warns that it ignores them)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        given = getattr(namespace, "given", None) or {}
+        given[self.dest] = self.option_strings[0]
+        namespace.given = given
+
+
+CALIB_DESTS = ("calib", "source", "nsamples", "seqlen", "seed", "sampling")
 
 
 def _add_calibration_args(p: argparse.ArgumentParser, calib_required: bool) -> None:
     p.add_argument(
         "--calib",
+        action=_Given,
         required=calib_required,
         metavar="MIX",
         help="calibration mix LANG[:WEIGHT],... e.g. de,en or de:3,en:1",
     )
     p.add_argument(
         "--source",
+        action=_Given,
         default="bundled",
         help="text source: bundled (offline corpus), mc4[:N] (allenai/c4 multilingual, "
         "N train shards), or a directory of <lang>.txt / <lang>.jsonl",
     )
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows in all")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nsamples", action=_Given, type=int, default=128,
+                   help="calibration windows in all")  # fmt: skip
+    p.add_argument("--seqlen", action=_Given, type=int, default=2048, help="tokens per window")
+    p.add_argument("--seed", action=_Given, type=int, default=0, help="0 to 2**32 - 1")
     p.add_argument(
         "--sampling",
+        action=_Given,
         choices=["concat", "window"],
         default="concat",
         help="concat: documents joined with EOS, distinct random windows; window: a "
@@ -288,16 +306,10 @@ def _split(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-def _quiet_bars(args) -> None:
-    if args.quiet:  # lm-eval's own progress bars read tqdm's environment switch
-        os.environ.setdefault("TQDM_DISABLE", "1")
-
-
 def _cmd_eval(args) -> int:
     from polyprune.compress.export import check_output_file, check_writable
     from polyprune.eval.evaluate import EvalSettings, PplSettings, evaluate, write_json
 
-    _quiet_bars(args)
     ev = EvalSettings(
         langs=_split(args.langs), tasks=_split(args.tasks),
         ppl=PplSettings(args.source, args.seqlen, args.max_tokens), limit=args.limit,
@@ -322,7 +334,6 @@ def _cmd_matrix(args) -> int:
     from polyprune.eval.store import ResultStore
     from polyprune.eval.tables import write_tables
 
-    _quiet_bars(args)
     cfg = load_config(args.config)
     if not args.dry_run:
         from polyprune.compress.export import check_writable
@@ -368,11 +379,24 @@ def _common(args) -> dict:
     }
 
 
+def _warn_unused_calibration(args) -> None:
+    """A data-free method (magnitude, rtn) reads no text: say so once if calibration flags
+    were given, rather than ignoring them silently."""
+    given = getattr(args, "given", None) or {}
+    flags = [given[d] for d in CALIB_DESTS if d in given]
+    if flags:
+        log.warning(
+            "--method %s uses no calibration data; ignoring %s", args.method, ", ".join(flags)
+        )
+
+
 def _cmd_prune(args) -> int:
     from polyprune.api import prune
 
     if args.method != "magnitude" and not args.calib:
         raise InputError(f"--method {args.method} needs --calib MIX (e.g. --calib de,en)")
+    if args.method == "magnitude":
+        _warn_unused_calibration(args)
     _, manifest = prune(
         args.model, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
         save_masks=args.save_masks, **_common(args),
@@ -386,6 +410,8 @@ def _cmd_quantize(args) -> int:
 
     if args.method == "gptq" and not args.calib:
         raise InputError("--method gptq needs --calib MIX (e.g. --calib de,en)")
+    if args.method == "rtn":
+        _warn_unused_calibration(args)
     _, manifest = quantize(
         args.model, method=args.method, act_order=args.act_order,
         static_groups=args.static_groups, **_common(args),
@@ -435,15 +461,10 @@ def _cmd_analyze(args) -> int:
         lape_bar_ratio=args.lape_bar_ratio, models_per_pass=args.models_per_pass,
         progress=not args.quiet,
     )  # fmt: skip
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite)  # the device: checked by AnalysisConfig
     sources = [d for m in (args.dense, *args.compressed) for d in _model_dirs(m)]
     check_not_source(args.out, sources, inside_ok=True)  # a report beside the weights is harmless
     check_writable(os.path.dirname(os.path.abspath(args.out)))
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError(f"device {args.device!r} asked for, but torch sees no CUDA device")
     with output_lock(args.out):
         metrics = analyze(args.dense, args.compressed, cfg)
         out = write_report(metrics, args.out, args.overwrite)
@@ -459,7 +480,7 @@ def _cmd_analyze(args) -> int:
 
 
 def _cmd_data(args) -> int:
-    from polyprune.data.mix import CalibrationMix
+    from polyprune.data.mix import CalibrationMix, check_calibration
     from polyprune.data.sources import Mc4Source, get_source
 
     src = get_source(args.source)
@@ -476,15 +497,22 @@ def _cmd_data(args) -> int:
             print(f"{lang:<6}" + "".join(f"{v:>14,}" for v in values))
         return 0
     mix = CalibrationMix.parse(args.mix)
+    check_calibration(args.nsamples, args.seqlen, args.seed, args.sampling)
     counts = mix.counts(args.nsamples)
     for lang in mix.langs:
         src.check_language(lang)
     calib_set = None
     if args.model:
         from polyprune.data.mix import build_calibration_set
-        from polyprune.models import load_model
+        from polyprune.models import load_config, load_tokenizer, max_positions
 
-        tok = load_model(args.model).tokenizer
+        # The tokenizer and the config only: the weights are not needed to show windows.
+        limit = max_positions(load_config(args.model))
+        if limit is not None and args.seqlen > limit:
+            raise InputError(
+                f"seqlen {args.seqlen} is above the model's maximum positions ({limit})"
+            )
+        tok = load_tokenizer(args.model)
         calib_set = build_calibration_set(
             mix, tok, src, args.nsamples, args.seqlen, args.seed, args.sampling
         )
@@ -536,9 +564,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    as_program = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if args.quiet and as_program:
+        # Before tqdm is first imported (it reads its environment switch then), and for child
+        # processes; not from a caller's process, whose environment is not ours to change.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
@@ -559,7 +592,7 @@ def _main(argv: list[str] | None) -> int:
         if args.command in ("eval", "matrix"):
             return _cmd_eval(args) if args.command == "eval" else _cmd_matrix(args)
     except InputError as e:
-        sys.stderr.write(f"polyprune {args.command}: error: {e}\n")
+        sys.stderr.write(f"polyprune {args.command}: error: {one_line(str(e))}\n")
         return 2
     except BrokenPipeError:  # e.g. `polyprune data ls | head`
         sys.stderr.close()

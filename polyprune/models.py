@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polyprune.errors import InputError
+from polyprune.errors import InputError, cut, shorten
 from polyprune.weights import check_weight_files, drop_ignorable, fit_error, tied_names
 
 __all__ = [
@@ -106,6 +106,11 @@ def load_config(spec: str | os.PathLike):
         raise InputError(f"could not load model {path!r}: {str(e).splitlines()[0]}") from e
 
 
+# Files one of which a local model directory needs for AutoTokenizer to build a tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model",
+                    "sentencepiece.bpe.model", "vocab.txt", "tokenizer.tiktoken")  # fmt: skip
+
+
 def load_tokenizer(spec: str | os.PathLike):
     from transformers import AutoTokenizer
 
@@ -113,8 +118,16 @@ def load_tokenizer(spec: str | os.PathLike):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"could not load the tokenizer of {path!r}: {msg}") from e
+        if os.path.isdir(path) and not any(
+            os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES
+        ):
+            raise InputError(
+                f"model directory {shorten(path)} has no tokenizer (none of "
+                f"{', '.join(_TOKENIZER_FILES)}); copy its base model's tokenizer files into it"
+            ) from e
+        # transformers' messages run over several lines: all of them, joined, cut if long.
+        msg = cut(" ".join(str(e).split()), 300) if str(e).strip() else type(e).__name__
+        raise InputError(f"could not load the tokenizer of {shorten(path)}: {msg}") from e
 
 
 def load_model(

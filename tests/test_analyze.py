@@ -210,7 +210,7 @@ def test_analyze_of_one_metric_writes_only_its_figure(runs, tmp_path):
         (["--langs", "de,xx"], "xx"),
         (["--lsar-rank", "5"], "--lsar-rank 5 must be in [1, 1]"),
         (["--lape-top-rate", "2"], "--lape-top-rate 2.0 must be in (0, 1)"),
-        (["--seqlen", "100000"], "fewer than one window"),
+        (["--seqlen", "100000"], "above the model's maximum positions"),
     ],
 )
 def test_analyze_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys, extra, message):

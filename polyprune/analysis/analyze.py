@@ -41,6 +41,7 @@ from polyprune.analysis.lape import (
 )
 from polyprune.analysis.lsar import lsar_subspace, projected_change, projected_norms
 from polyprune.analysis.snr import LayerErrorStats
+from polyprune.checks import check_device, check_dtype
 from polyprune.errors import InputError
 
 __all__ = ["METRICS", "AnalysisConfig", "Run", "analyze", "describe_runs", "heldout_windows"]
@@ -96,6 +97,8 @@ class AnalysisConfig:
                         ("lape-bar-ratio", self.lape_bar_ratio)):  # fmt: skip
             if not 0 < v < 1:
                 raise InputError(f"--{name} {v} must be in (0, 1)")
+        check_device(self.device)
+        check_dtype(self.dtype)
         if self.lsar_rank is not None and not 1 <= self.lsar_rank <= len(self.langs) - 1:
             raise InputError(
                 f"--lsar-rank {self.lsar_rank} must be in [1, {len(self.langs) - 1}] for "
@@ -475,7 +478,13 @@ def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, token
     the compressed output directories; returns the metrics dict written as metrics.json."""
     from polyprune.api import _skeleton
     from polyprune.data.sources import get_source
-    from polyprune.models import find_blocks, load_config, load_model, load_tokenizer
+    from polyprune.models import (
+        find_blocks,
+        load_config,
+        load_model,
+        load_tokenizer,
+        max_positions,
+    )
 
     if not compressed:
         raise InputError("no compressed runs given (--compressed DIR ...)")
@@ -484,6 +493,9 @@ def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, token
     for lang in cfg.langs:
         src.check_language(lang)
     config = load_config(dense)
+    limit = max_positions(config)  # longer windows run past the position embeddings
+    if limit is not None and cfg.seqlen > limit:
+        raise InputError(f"--seqlen {cfg.seqlen} is above the model's maximum positions ({limit})")
     skeleton = _skeleton(config)
     n_blocks = len(find_blocks(skeleton)[1])
     check_runs_match(dense, config, runs)

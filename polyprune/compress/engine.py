@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from polyprune.checks import check_device
 from polyprune.compress.gptq import gptq_quantize, rtn
 from polyprune.compress.magnitude import magnitude_prune
 from polyprune.compress.masks import pack_mask
@@ -144,6 +145,7 @@ class EngineConfig:
             raise InputError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
         if self.batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {self.batch_size}")
+        check_device(self.device)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from polyprune.checks import check_finite
 from polyprune.errors import InputError
 
 __all__ = ["QuantConfig", "QuantTensors", "find_params", "quantize", "rtn_quantize", "to_int"]
@@ -37,8 +38,8 @@ class QuantConfig:
             raise InputError(f"group size {self.group_size} must be -1 (per channel) or >= 1")
         if self.blocksize < 1:
             raise InputError(f"blocksize must be >= 1, got {self.blocksize}")
-        if not self.percdamp > 0:
-            raise InputError(f"percdamp must be > 0, got {self.percdamp}")
+        # inf passes "> 0" but makes every Hessian "not invertible" after calibration.
+        check_finite("percdamp", self.percdamp, positive=True)
 
     @property
     def maxq(self) -> int:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from polyprune.checks import check_finite
 from polyprune.compress.masks import Pattern
 from polyprune.compress.quant import QuantTensors
 from polyprune.errors import InputError
@@ -44,8 +45,8 @@ class PruneConfig:
             raise InputError(
                 f"blocksize {self.blocksize} must be a multiple of M in {self.pattern}"
             )
-        if not self.percdamp > 0:
-            raise InputError(f"percdamp must be > 0, got {self.percdamp}")
+        # inf passes "> 0" but makes every Hessian "not invertible" after calibration.
+        check_finite("percdamp", self.percdamp, positive=True)
 
 
 @dataclass

@@ -42,7 +42,7 @@ from torch import nn
 from polyprune.compress.engine import BlockIO, EngineConfig, EngineReport, compress_blocks
 from polyprune.compress.export import MASKS, gptq_config_files, masks_metadata
 from polyprune.compress.gptq_format import pack_linear
-from polyprune.errors import InputError
+from polyprune.errors import InputError, shorten
 from polyprune.models import find_blocks, get_weight
 from polyprune.weights import drop_ignorable, fit_error, open_safetensors, unfit_keys, weight_files
 
@@ -61,6 +61,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
+_MAX_SIZE = 2**63  # sizes are written to the index as JSON integers: int64 for most readers
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -89,16 +90,31 @@ def lean_malloc() -> Callable[[], None]:
 
 
 def parse_size(size: str | int) -> int:
-    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a number of bytes -> bytes."""
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a number of bytes -> bytes, at least one byte and
+    below 2**63 (what a safetensors index and JSON readers hold)."""
+    if isinstance(size, bool) or not isinstance(size, (str, int)):
+        raise InputError(f"bad size {shorten(size)}; expected e.g. 5GB, 500MB or a number of bytes")
     if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
-    if not m:
-        raise InputError(f"bad size {size!r}; expected e.g. 5GB, 500MB or a number of bytes")
-    unit = (m.group(2) or "B").upper()
-    power = "BKMGT".index(unit[0])
-    base = 1024 if "I" in unit else 1000
-    return int(float(m.group(1)) * base**power)
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
+        if not m:
+            raise InputError(
+                f"bad size {shorten(size)}; expected e.g. 5GB, 500MB or a number of bytes"
+            )
+        unit = (m.group(2) or "B").upper()
+        power = "BKMGT".index(unit[0])
+        base = 1024 if "I" in unit else 1000
+        # Exact for whole numbers (float() of 400 digits is inf, and int(inf) raises).
+        whole, _, frac = m.group(1).partition(".")
+        scale = base**power
+        value = int(whole) * scale + (int(float("0." + frac) * scale) if frac else 0)
+    if not 1 <= value < _MAX_SIZE:
+        raise InputError(
+            f"max shard size {shorten(size)} is out of range; allowed: 1 byte up to 8 EiB, "
+            "e.g. 5GB or 500MB"
+        )
+    return value
 
 
 def has_safetensors(path: str | Path) -> bool:

@@ -27,15 +27,17 @@ from typing import Literal
 import numpy as np
 import torch
 
+from polyprune.checks import check_int, check_seed
 from polyprune.data.cache import cache_path, load_cached, save_cached, tokenizer_fingerprint
 from polyprune.data.sources import TextSource, get_source
-from polyprune.errors import InputError
+from polyprune.errors import MAX_ECHO, InputError, cut, shorten
 
 __all__ = [
     "CalibrationMix",
     "CalibrationSet",
     "SamplingMode",
     "build_calibration_set",
+    "check_calibration",
     "largest_remainder",
     "sample_windows",
 ]
@@ -56,8 +58,12 @@ def largest_remainder(weights: list[float], total: int) -> list[int]:
     Each share is the floor of its quota; the units left go to the largest fractional parts,
     ties going to the earlier entry. The result sums to ``total`` exactly.
     """
-    wsum = sum(weights)
-    quotas = [total * w / wsum for w in weights]
+    # Scaled by the largest weight first: 1e308 + 1e308 overflows to inf (and inf / inf is nan),
+    # but 1 + 1 does not; the shares are the same.
+    top = max(weights)
+    scaled = [w / top for w in weights]
+    wsum = math.fsum(scaled)
+    quotas = [total * w / wsum for w in scaled]
     counts = [math.floor(q) for q in quotas]
     left = total - sum(counts)
     order = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - counts[i]), i))
@@ -73,10 +79,22 @@ class CalibrationMix:
     langs: tuple[str, ...]
     weights: tuple[float, ...]
 
+    def __post_init__(self) -> None:
+        # Built directly from Python (not parsed): the same rule as parse's.
+        if not self.langs or len(self.langs) != len(self.weights):
+            raise InputError("a calibration mix needs one weight per language")
+        for lang, w in zip(self.langs, self.weights, strict=True):
+            if isinstance(w, bool) or not isinstance(w, (int, float)):
+                raise InputError(f"weight of {lang} must be a number, got {shorten(w)}")
+            if not math.isfinite(w) or w <= 0:
+                raise InputError(f"weight of {lang} must be > 0 and finite, got {w}")
+
     @classmethod
     def parse(cls, spec: str) -> CalibrationMix:
         if not isinstance(spec, str) or not spec.strip():
             raise InputError("empty calibration mix; expected LANG[:WEIGHT][,LANG[:WEIGHT]...]")
+        # A long spec is not echoed whole twice: the part at fault is named after it.
+        bad = "bad calibration mix" + (f" {spec!r}" if len(spec) <= MAX_ECHO else "")
         langs, weights = [], []
         for part in spec.split(","):
             part = part.strip()
@@ -84,7 +102,7 @@ class CalibrationMix:
             lang = lang.strip()
             if not _LANG.match(lang):
                 raise InputError(
-                    f"bad calibration mix {spec!r}: {part!r} is not LANG[:WEIGHT] "
+                    f"{bad}: {shorten(part)} is not LANG[:WEIGHT] "
                     "with LANG an ISO 639-1 code such as de or en"
                 )
             if sep:
@@ -92,29 +110,29 @@ class CalibrationMix:
                     weight = float(w)
                 except ValueError:
                     raise InputError(
-                        f"bad calibration mix {spec!r}: weight {w!r} of {lang} is not a number"
+                        f"{bad}: weight {shorten(w)} of {lang} is not a number"
                     ) from None
                 if not math.isfinite(weight) or weight <= 0:
                     raise InputError(
-                        f"bad calibration mix {spec!r}: weight of {lang} must be > 0, got {w}"
+                        f"{bad}: weight of {lang} must be > 0 and finite, got {shorten(w.strip())}"
                     )
             else:
                 weight = 1.0
             if lang in langs:
-                raise InputError(f"bad calibration mix {spec!r}: {lang} appears twice")
+                raise InputError(f"{bad}: {lang} appears twice")
             langs.append(lang)
             weights.append(weight)
         return cls(tuple(langs), tuple(weights))
 
     def counts(self, nsamples: int) -> dict[str, int]:
         """Samples per language for a budget of ``nsamples`` (largest remainder)."""
-        if nsamples < 1:
-            raise InputError(f"nsamples must be >= 1, got {nsamples}")
+        check_int("nsamples", nsamples, 1)
         counts = dict(zip(self.langs, largest_remainder(list(self.weights), nsamples), strict=True))
         empty = [lang for lang, c in counts.items() if c == 0]
         if empty:
             raise InputError(
-                f"nsamples {nsamples} leaves {', '.join(empty)} with no sample in mix {self}; "
+                f"nsamples {nsamples} leaves {cut(', '.join(empty))} with no sample in "
+                f"mix {cut(str(self))}; "
                 "raise --nsamples or the weight"
             )
         return counts
@@ -233,6 +251,17 @@ def sample_windows(
     return torch.stack([stream_t[shift + s * seqlen : shift + (s + 1) * seqlen] for s in chosen])
 
 
+def check_calibration(nsamples: int, seqlen: int, seed: int, sampling: str) -> None:
+    """The calibration settings every entry point (CLI, API, matrix config) checks alike."""
+    check_int("nsamples", nsamples, 1)
+    check_int("seqlen", seqlen, 2)  # one token is no context to calibrate on
+    check_seed(seed)
+    if sampling not in SAMPLING_MODES:
+        raise InputError(
+            f"unknown sampling mode {shorten(sampling)}; allowed: {', '.join(SAMPLING_MODES)}"
+        )
+
+
 def build_calibration_set(
     mix: CalibrationMix | str,
     tokenizer,
@@ -247,10 +276,7 @@ def build_calibration_set(
     if isinstance(mix, str):
         mix = CalibrationMix.parse(mix)
     src = get_source(source)
-    if seqlen < 1:
-        raise InputError(f"seqlen must be >= 1, got {seqlen}")
-    if mode not in SAMPLING_MODES:
-        raise InputError(f"unknown sampling mode {mode!r}; allowed: {', '.join(SAMPLING_MODES)}")
+    check_calibration(nsamples, seqlen, seed, mode)
     counts = mix.counts(nsamples)
     for lang in mix.langs:
         src.check_language(lang)

@@ -32,7 +32,7 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from polyprune.errors import InputError
+from polyprune.errors import InputError, cut, shorten
 
 __all__ = [
     "BundledSource",
@@ -103,7 +103,8 @@ class TextSource(ABC):
         langs = self.languages()
         if lang not in langs:
             raise InputError(
-                f"unknown language {lang!r} for source {self.name!r}; it has: {', '.join(langs)}"
+                f"unknown language {shorten(lang)} for source {shorten(self.name)}; it has: "
+                f"{', '.join(langs) or 'no languages'}"
             )
 
     def documents(self, lang: str, split: Split = "calib") -> list[str]:
@@ -171,7 +172,8 @@ class DirectorySource(TextSource):
         self.root = Path(root)
         if not self.root.is_dir():
             raise InputError(
-                f"text source {str(root)!r} is neither 'bundled', 'mc4' nor an existing directory"
+                f"text source {shorten(str(root))} is neither 'bundled', 'mc4' nor an existing "
+                "directory"
             )
         self.name = str(self.root)
 
@@ -190,7 +192,7 @@ class DirectorySource(TextSource):
     def _documents(self, lang: str, split: Split) -> list[str]:
         f = self._files()[lang]
         if f.suffix == ".txt":
-            docs = paragraphs(f.read_text(encoding="utf-8"))
+            docs = paragraphs(_read_utf8(f))
         else:
             docs = _read_jsonl_texts(f)
         return split_documents(docs, split)
@@ -203,17 +205,39 @@ class DirectorySource(TextSource):
         return "dir-" + h.hexdigest()[:12]
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text, or one line naming the file and the line of its first non-UTF-8 byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8"
+        ) from None
+
+
 def _read_jsonl_texts(path: Path) -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     docs = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with opener(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}:{n}: not UTF-8 text; save it as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise InputError(f"{path}:{n}: expected a JSON object with a 'text' field") from e
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                raise InputError(
+                    f"{path}:{n}: expected a JSON object with a 'text' field"
+                ) from None
+            if not isinstance(text, str):
+                raise InputError(
+                    f"{path}:{n}: 'text' must be a string, got {cut(json.dumps(text))}"
+                )
             if text.strip():
                 docs.append(text)
     return docs
@@ -311,6 +335,6 @@ def get_source(spec: str | TextSource) -> TextSource:
     if spec == "mc4" or spec.startswith("mc4:"):
         _, _, n = spec.partition(":")
         if n and not n.isdigit():
-            raise InputError(f"bad source {spec!r}; use mc4 or mc4:N with N train shards")
+            raise InputError(f"bad source {shorten(spec)}; use mc4 or mc4:N with N train shards")
         return Mc4Source(shards=int(n) if n else 1)
     return DirectorySource(spec)

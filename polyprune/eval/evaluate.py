@@ -64,6 +64,8 @@ class EvalSettings:
                 raise InputError(f"ppl max_tokens must be >= 2, got {self.ppl.max_tokens}")
         if self.limit is not None and self.limit < 1:
             raise InputError(f"limit must be >= 1, got {self.limit}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise InputError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
         if self.batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {self.batch_size}")
 
@@ -88,7 +90,7 @@ def evaluate_model(
     unavailable: list[dict] = []
     if families:
         hc = HarnessConfig(limit=ev.limit, num_fewshot=ev.num_fewshot,
-                           batch_size=ev.batch_size, device=device)  # fmt: skip
+                           batch_size=ev.batch_size, device=device, progress=progress)  # fmt: skip
         res = run_tasks(model, tokenizer, families, list(ev.langs), hc)
         rows += [ResultRow(s.task, s.lang, s.metric, s.value, s.n) for s in res.scores]
         unavailable = [asdict(u) for u in res.unavailable]
@@ -100,10 +102,13 @@ def evaluate(
     progress: bool = True,
 ) -> dict:  # fmt: skip
     """Load ``model`` (hub id, directory or ``demo``) and evaluate it: the JSON-ready report."""
+    from polyprune.checks import check_device, check_dtype
     from polyprune.models import load_model, resolve_model_path
 
     t0 = time.perf_counter()
     ev.check()
+    check_device(device)
+    check_dtype(dtype)
     loaded = load_model(resolve_model_path(model), device=device, dtype=dtype)
     rows, unavailable = evaluate_model(loaded.model, loaded.tokenizer, ev, device, progress)
     return {

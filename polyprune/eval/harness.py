@@ -12,7 +12,12 @@ line says which and why, and the run goes on with the rest.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +85,7 @@ class HarnessConfig:
     batch_size: int = 8
     device: str = "cpu"
     seed: int = 1234
+    progress: bool = True  # lm-eval's progress bars
     # Keyword arguments for every task's data hook, e.g. {"source": "DIR"} for nextsent.
     metadata: dict = field(default_factory=dict)
 
@@ -132,6 +138,53 @@ def _task_manager(families: list[str], metadata: dict):
     )
 
 
+def _git_hash_quietly() -> str | None:
+    """lm-eval's ``get_git_commit_hash`` (``git describe`` in the current directory, else the
+    files of a ``.git`` there) without git's "fatal: not a git repository" on our stderr."""
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        out = subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL)
+        return out.strip().decode()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+
+
+def _is_tqdm(obj, tqdm) -> bool:
+    return isinstance(obj, type) and issubclass(obj, tqdm)
+
+
+@contextlib.contextmanager
+def _lm_eval_quiet(progress: bool) -> Iterator[None]:
+    """lm-eval run without git's stderr and, unless ``progress``, without progress bars.
+
+    lm-eval passes ``disable=False`` to tqdm explicitly, which overrides TQDM_DISABLE; so its
+    modules' ``tqdm`` is swapped for a subclass that is always disabled, and put back after.
+    """
+    from tqdm import tqdm
+
+    class _SilentTqdm(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    patches = [(sys.modules["lm_eval.evaluator"], "get_git_commit_hash", _git_hash_quietly)]
+    if not progress:
+        patches += [
+            (mod, "tqdm", _SilentTqdm)
+            for name, mod in list(sys.modules.items())
+            if name.startswith("lm_eval") and _is_tqdm(getattr(mod, "tqdm", None), tqdm)
+        ]
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in patches]
+    try:
+        for mod, attr, value in patches:
+            setattr(mod, attr, value)
+        yield
+    finally:
+        for mod, attr, value in saved:
+            setattr(mod, attr, value)
+
+
 def run_tasks(
     model, tokenizer, families: list[str], langs: list[str], cfg: HarnessConfig | None = None
 ) -> HarnessResult:
@@ -175,19 +228,20 @@ def run_tasks(
     was_training = model.training
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=cfg.device)
-    out = simple_evaluate(
-        model=lm,
-        tasks=[obj for _, _, obj in loaded.values()],
-        num_fewshot=cfg.num_fewshot,
-        limit=cfg.limit,
-        task_manager=tm,
-        log_samples=False,
-        bootstrap_iters=0,
-        random_seed=cfg.seed,
-        numpy_random_seed=cfg.seed,
-        torch_random_seed=cfg.seed,
-        fewshot_random_seed=cfg.seed,
-    )
+    with _lm_eval_quiet(cfg.progress):
+        out = simple_evaluate(
+            model=lm,
+            tasks=[obj for _, _, obj in loaded.values()],
+            num_fewshot=cfg.num_fewshot,
+            limit=cfg.limit,
+            task_manager=tm,
+            log_samples=False,
+            bootstrap_iters=0,
+            random_seed=cfg.seed,
+            numpy_random_seed=cfg.seed,
+            torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed,
+        )
     model.train(was_training)
     for name, (family, lang, _) in loaded.items():
         metrics = out["results"][name]

@@ -53,7 +53,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from polyprune.errors import InputError
+from polyprune.errors import InputError, shorten
 from polyprune.eval.evaluate import EvalSettings, PplSettings, evaluate_model
 from polyprune.eval.store import ResultRow, ResultStore
 
@@ -204,9 +204,10 @@ class MatrixConfig:
 
     def check(self) -> None:
         """Everything that can be checked without loading weights or running anything."""
+        from polyprune.checks import check_device, check_dtype
         from polyprune.compress.masks import Pattern
         from polyprune.compress.quant import QuantConfig
-        from polyprune.data.mix import SAMPLING_MODES, CalibrationMix
+        from polyprune.data.mix import CalibrationMix, check_calibration
         from polyprune.data.sources import get_source
         from polyprune.models import resolve_model_path
 
@@ -228,10 +229,14 @@ class MatrixConfig:
         for b in self.bits:
             QuantConfig(b, self.group_size)
         cal = self.calibration
-        if cal.sampling not in SAMPLING_MODES:
-            raise InputError(f"config: unknown sampling {cal.sampling!r}")
-        if cal.nsamples < 1 or cal.seqlen < 2:
-            raise InputError("config: calibration needs nsamples >= 1 and seqlen >= 2")
+        for seed in self.seeds:
+            try:  # the same rules as the CLI's and the API's
+                check_calibration(cal.nsamples, cal.seqlen, seed, cal.sampling)
+            except InputError as e:
+                raise InputError(f"config: {e}") from None
+        check_device(self.device)
+        check_dtype(self.dtype)
+        _check_store(self.workdir, self.store)
         needs_data = any(m not in DATA_FREE for m in self.methods)
         if needs_data:
             if not self.mixes:
@@ -248,6 +253,18 @@ class MatrixConfig:
         if self.device.startswith("cuda") and self.executor.num_gpus == 0:
             logger.debug("device %s with executor.num_gpus 0 (fine for the local executor)",
                          self.device)  # fmt: skip
+
+
+def _check_store(workdir: str, store: str) -> None:
+    """The store lies inside the workdir: ``store: ../x.sqlite`` or an absolute path elsewhere
+    would write (and, resumed, read) results outside the matrix's own directory."""
+    root = Path(workdir).resolve()
+    path = (root / store).resolve()
+    if path == root or not path.is_relative_to(root):
+        raise InputError(
+            f"config: store {shorten(store)} is outside workdir {shorten(workdir)}; "
+            "give a file name inside it, e.g. results.sqlite"
+        )
 
 
 def load_config(path: str | os.PathLike) -> MatrixConfig:
