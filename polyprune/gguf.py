@@ -244,9 +244,9 @@ def _converted(target: Path) -> bool:
 
 def _fix_modes(root: Path) -> None:
     """mkdtemp and some writers give 0700/0600; cached models get what mkdir/open give."""
-    from polyprune.compress.export import _umask
+    from polyprune.compress.outputs import current_umask
 
-    umask = _umask()
+    umask = current_umask()
     root.chmod(0o777 & ~umask)
     for p in root.rglob("*"):
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)

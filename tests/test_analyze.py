@@ -184,10 +184,10 @@ def test_analyze_writes_real_pngs_report_and_metrics(runs, tmp_path, capsys):
         assert iou["matrices"]["sublayer"][sub][0][1] == pytest.approx(v)
     seeds = [load_masks(runs[("de", s)] / "masks.safetensors") for s in (0, 1)]
     assert iou["seed_iou"]["de"]["all"]["all"] == pytest.approx(mask_iou(*seeds)["all"])
-    assert oct(report.stat().st_mode & 0o777) == oct(0o755 & ~_umask())
+    assert oct(report.stat().st_mode & 0o777) == oct(0o755 & ~current_umask())
 
 
-def _umask() -> int:
+def current_umask() -> int:
     import os
 
     mask = os.umask(0)

@@ -30,7 +30,7 @@ def cli(*args) -> int:
         return e.code
 
 
-def _umask() -> int:
+def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
@@ -122,9 +122,9 @@ def test_named_model_is_a_gemma3_text_checkpoint_from_a_q4_k_m_gguf(real_cache):
 
 def test_converted_files_get_the_modes_mkdir_and_open_give(tmp_path):
     out = Path(resolve_model_path(write_tiny_llama_gguf(tmp_path / "tiny.gguf")))
-    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    assert out.stat().st_mode & 0o777 == 0o777 & ~current_umask()
     for f in out.iterdir():
-        assert f.stat().st_mode & 0o777 == 0o666 & ~_umask(), f.name
+        assert f.stat().st_mode & 0o777 == 0o666 & ~current_umask(), f.name
 
 
 def test_second_resolution_reuses_the_cache(real_cache, no_conversion):

@@ -39,6 +39,7 @@ from pathlib import Path
 from polyprune.errors import InputError
 
 __all__ = [
+    "current_umask",
     "OutputWriteError",
     "check_output_dir",
     "check_output_file",
@@ -69,7 +70,8 @@ class OutputWriteError(InputError, OSError):
     Also an OSError, so code that tolerates failed optional writes (the cache) still does."""
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (reading it means setting it: put straight back)."""
     umask = os.umask(0)
     os.umask(umask)
     return umask
@@ -77,7 +79,7 @@ def _umask() -> int:
 
 def chmod_like_mkdir(path: Path) -> None:
     """mkdtemp makes 0700 directories; an output should get what ``mkdir`` would give it."""
-    path.chmod(0o777 & ~_umask())
+    path.chmod(0o777 & ~current_umask())
 
 
 def _temp_prefix(name: str, kind: str = "tmp") -> str:
@@ -255,7 +257,7 @@ def _flock_soon(fd: int) -> None:
 def _acquire(lock: Path, out: Path) -> int | None:
     while True:
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
         except OSError as e:
             raise InputError(f"cannot write to {out.parent}: {e.strerror}") from e
         try:
@@ -441,7 +443,7 @@ def write_file_atomic(
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         if overwrite:
             os.replace(tmp, path)
         else:
