@@ -7,8 +7,8 @@ Default model: /tmp/gemma3-hf (a converted Gemma 3 270M, 262k vocabulary) if it 
 4 languages (ar, de, en, zh) x 4096 held-out tokens, seqlen 512, on CPU. Each computation
 runs in a fresh subprocess: wall and CPU (user + system) time are the perplexity passes alone
 (model loaded, streams tokenised), peak memory is the process's maximum resident set size
-(model included). The float32 full-logit perplexities are the reference of both dtypes'
-relative differences.
+(model included; also given after loading). The float32 full-logit perplexities are the
+reference of both dtypes' relative differences.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def worker(model_dir: str, dtype: str, chunked: bool, batch_size: int) -> dict:
     torch.manual_seed(0)
     loaded = load_model(model_dir, dtype=dtype)
     streams = {lang: heldout_stream(loaded.tokenizer, lang, max_tokens=TOKENS) for lang in LANGS}
+    load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     ppl = {
         lang: stream_perplexity(loaded.model, s, SEQLEN, batch_size, chunked=chunked)[0]
@@ -41,7 +42,7 @@ def worker(model_dir: str, dtype: str, chunked: bool, batch_size: int) -> dict:
     }
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": rss, "ppl": ppl}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": rss, "load_rss_mb": load_rss, "ppl": ppl}
 
 
 def cpu_seconds() -> float:
@@ -86,7 +87,7 @@ def main() -> int:
             ref = ref or (r["ppl"] if dtype == "float32" else None)
             line = (
                 f"{dtype:>9} {name:>8}: wall {r['wall_s']:6.1f} s  CPU {r['cpu_s']:6.1f} s  "
-                f"peak RSS {r['peak_rss_mb']:6.0f} MB"
+                f"peak RSS {r['peak_rss_mb']:6.0f} MB ({r['load_rss_mb']:.0f} MB after loading)"
             )
             if ref is not None:
                 line += f"  max rel diff vs float32 full {max_rel(r['ppl'], ref):.2e}"

@@ -111,14 +111,34 @@ FAMILIES = {
 }
 
 
+class OpaqueHead(torch.nn.Linear):
+    """A head module the split cannot cut into vocabulary blocks (its own forward)."""
+
+    def forward(self, h):
+        return super().forward(h)
+
+
+def with_opaque_head(model):
+    old = model.get_output_embeddings()
+    head = OpaqueHead(old.in_features, old.out_features, bias=False)
+    head.weight = torch.nn.Parameter(old.weight.detach().clone())
+    model.set_output_embeddings(head)
+    return model
+
+
+FAMILIES["llama-opaque-head"] = lambda: with_opaque_head(tiny_model("llama"))
+
+
+# 7 tokens x the whole vocabulary a tile; 1 token x 300 rows: blocks of vocabulary rows, the
+# last one partial. Token chunks cross window boundaries and the last one is partial.
+@pytest.mark.parametrize("chunk_elems", [7 * VOCAB, 300])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_chunked_perplexity_equals_the_full_logit_one(tokenizer, family):
+def test_chunked_perplexity_equals_the_full_logit_one(tokenizer, family, chunk_elems):
     model = scaled_head(FAMILIES[family]())
     stream = heldout_stream(tokenizer, "en", max_tokens=300)
     assert split_head(model, stream[:16]) is not None  # the split path, not the fallback
     full = stream_perplexity(model, stream, 40, batch_size=3, chunked=False)
-    # 7 tokens a chunk: chunks cross window boundaries and the last one is partial
-    chunked = stream_perplexity(model, stream, 40, batch_size=3, logit_chunk_bytes=7 * 4 * VOCAB)
+    chunked = stream_perplexity(model, stream, 40, batch_size=3, logit_chunk_bytes=4 * chunk_elems)
     assert chunked[1:] == full[1:]
     assert chunked[0] == pytest.approx(full[0], rel=1e-4)
 

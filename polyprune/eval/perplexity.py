@@ -39,8 +39,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# fp32 logits of one chunk of tokens: 64 MiB is 64 tokens of a 262k vocabulary, a product
-# still large enough to run the head's matmul at full speed.
+# fp32 logits of one tile: 64 MiB is ~2k tokens x 8k vocabulary rows, a product large
+# enough for the head's matmul to run at full speed, small enough to stay off the page faults.
 LOGIT_CHUNK_BYTES = 64 << 20
 _PROBE_TOKENS = 8  # tokens run both ways to check that the head splits off the forward
 
@@ -74,8 +74,10 @@ class LogitHead:
     """How a causal LM turns its final hidden states into logits, split off its forward.
 
     ``logits = softcap(head(base(x).last_hidden_state) * scale)``: run once over the whole
-    batch for the hidden states, then token chunk by token chunk through ``head``, so that the
-    (batch, seqlen, vocab) logit tensor never exists.
+    batch for the hidden states, then through ``head`` a tile of (tokens, vocabulary rows) at a
+    time, so that the (batch, seqlen, vocab) logit tensor never exists. A plain ``nn.Linear``
+    head is cut into blocks of vocabulary rows (its weight is then read once per batch, not once
+    per token chunk); any other head module only into chunks of tokens.
     """
 
     base: nn.Module
@@ -88,9 +90,19 @@ class LogitHead:
         out = self.base(input_ids=x, use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of hidden states ``h`` (..., hidden): the product in the head's dtype."""
-        z = self.head(h).float()
+    @property
+    def blockable(self) -> bool:
+        return type(self.head).forward is nn.Linear.forward
+
+    def logits(self, h: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """fp32 logits ``[lo, hi)`` of hidden states ``h`` (..., hidden), the product in the
+        head's dtype; a head that is not ``blockable`` gives all of them."""
+        if self.blockable:
+            bias = self.head.bias
+            w = self.head.weight[lo:hi]
+            z = F.linear(h, w, None if bias is None else bias[lo:hi]).float()
+        else:
+            z = self.head(h).float()
         if self.scale != 1.0:
             z.mul_(self.scale)
         if self.softcap is not None:
@@ -153,17 +165,42 @@ def _head_dtype(head: nn.Module) -> torch.dtype:
     return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
 
 
+def _tiles(n: int, vocab: int, chunk_bytes: int, blockable: bool) -> tuple[int, int]:
+    """(tokens, vocabulary rows) of one tile of fp32 logits of at most ``chunk_bytes``."""
+    elems = max(1, chunk_bytes // 4)
+    if not blockable:
+        return max(1, elems // vocab), vocab
+    tokens = max(1, min(n, elems // min(vocab, 2048)))  # rows: as many tokens as fit
+    return tokens, max(1, min(vocab, elems // tokens))
+
+
+def _tile_nll(spec: LogitHead, h: torch.Tensor, y: torch.Tensor, rows: int) -> float:
+    """Summed NLL of targets ``y`` from hidden states ``h``: log-sum-exp accumulated online
+    over blocks of ``rows`` vocabulary rows, in fp32."""
+    n = len(y)
+    top = torch.full((n,), -math.inf, device=h.device)  # running max logit
+    total = torch.zeros(n, device=h.device)  # sum of exp(logit - top)
+    target = torch.zeros(n, device=h.device)
+    for lo in range(0, spec.vocab, rows):
+        z = spec.logits(h, lo, lo + rows)
+        inside = ((y >= lo) & (y < lo + z.shape[-1])).nonzero().squeeze(1)
+        target[inside] = z[inside, y[inside] - lo]
+        new_top = torch.maximum(top, z.amax(dim=-1))
+        total = total * torch.exp(top - new_top) + z.sub_(new_top[:, None]).exp_().sum(dim=-1)
+        top = new_top
+    return (top + total.log() - target).sum(dtype=torch.float64).item()
+
+
 def _chunked_nll(spec: LogitHead, x: torch.Tensor, chunk_bytes: int) -> float:
-    """Summed NLL of predicting ``x[:, 1:]``, through the head a chunk of tokens at a time."""
+    """Summed NLL of predicting ``x[:, 1:]``, through the head one tile of logits at a time."""
     h = spec.hidden(x)[:, :-1]
     h = h.reshape(-1, h.shape[-1])  # (B * (T - 1), hidden): small beside the logits
     y = x[:, 1:].reshape(-1)
-    step = max(1, chunk_bytes // (4 * spec.vocab))  # fp32 logits of one chunk <= chunk_bytes
-    nll = 0.0
-    for start in range(0, len(y), step):
-        z = spec.logits(h[start : start + step])
-        nll += F.cross_entropy(z, y[start : start + step], reduction="sum").item()
-    return nll
+    tokens, rows = _tiles(len(y), spec.vocab, chunk_bytes, spec.blockable)
+    return sum(
+        _tile_nll(spec, h[i : i + tokens], y[i : i + tokens], rows)
+        for i in range(0, len(y), tokens)
+    )
 
 
 def _full_nll(model, x: torch.Tensor) -> float:
