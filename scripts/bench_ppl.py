@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Held-out perplexity: the old full-logit computation against the chunked one, side by side.
 
-    python scripts/bench_ppl.py [MODEL_DIR] [--dtype float32|bfloat16] [--batch-size 4]
+    python scripts/bench_ppl.py [MODEL_DIR] [--dtype float32,bfloat16] [--batch-size 4]
+                                [--modes full,chunked]
 
 Default model: /tmp/gemma3-hf (a converted Gemma 3 270M, 262k vocabulary) if it exists.
 4 languages (ar, de, en, zh) x 4096 held-out tokens, seqlen 512, on CPU. Each computation
@@ -68,6 +69,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes to run")
     # 4 x 512 tokens: the full-logit path holds ~3 copies of 2 GiB of fp32 logits at once
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--modes", default="full,chunked", help="comma-separated: full, chunked")
     ap.add_argument("--child", choices=["full", "chunked"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not Path(args.model).is_dir():
@@ -77,14 +79,19 @@ def main() -> int:
         res = worker(args.model, args.dtype, args.child == "chunked", args.batch_size)
         print(json.dumps(res))
         return 0
+    if not set(args.modes.split(",")) <= {"full", "chunked"}:
+        print(f"bench_ppl: error: unknown --modes {args.modes!r}; allowed: full, chunked",
+              file=sys.stderr)  # fmt: skip
+        return 2
     print(f"{args.model}: {len(LANGS)} langs x {TOKENS} tokens, seqlen {SEQLEN}, "
           f"batch {args.batch_size}")  # fmt: skip
     ref = None
     for dtype in args.dtype.split(","):
         res = {}
-        for name in ("full", "chunked"):  # printed as soon as measured
+        for name in args.modes.split(","):  # printed as soon as measured
             r = res[name] = run_child(args.model, dtype, name == "chunked", args.batch_size)
-            ref = ref or (r["ppl"] if dtype == "float32" else None)
+            if ref is None and (dtype, name) == ("float32", "full"):
+                ref = r["ppl"]
             line = (
                 f"{dtype:>9} {name:>8}: wall {r['wall_s']:6.1f} s  CPU {r['cpu_s']:6.1f} s  "
                 f"peak RSS {r['peak_rss_mb']:6.0f} MB ({r['load_rss_mb']:.0f} MB after loading)"
@@ -92,6 +99,9 @@ def main() -> int:
             if ref is not None:
                 line += f"  max rel diff vs float32 full {max_rel(r['ppl'], ref):.2e}"
             print(line, flush=True)
+            print(f"{'':>19}ppl " + ", ".join(f"{k} {v:.6g}" for k, v in r["ppl"].items()))
+        if len(res) < 2:
+            continue
         full, chunked = res["full"], res["chunked"]
         ppl = ", ".join(f"{k} {v:.2f}" for k, v in chunked["ppl"].items())
         print(f"{dtype:>9} speed-up wall {full['wall_s'] / chunked['wall_s']:.2f}x, "
