@@ -7,9 +7,11 @@ the first). Held-out text is never used for calibration (see ``polyprune.data.so
 
 The (batch, seqlen, vocab) logit tensor is never built (2 GiB for 4 x 512 tokens of a 262k
 vocabulary): the model's base module gives the final hidden states, and the output head turns
-them into logits a chunk of tokens at a time (at most ``LOGIT_CHUNK_BYTES`` of fp32 logits),
-each chunk's cross-entropy in fp32. A model whose head cannot be split off its forward (checked
-once per stream on a few tokens) is evaluated through its full forward instead.
+them into logits one tile of (tokens, vocabulary rows) at a time (at most ``LOGIT_CHUNK_BYTES``
+of fp32 logits), the log-sum-exp accumulated over the tiles in fp32; the head's product runs in
+its own dtype (16-bit for a 16-bit model), as in the model's forward. A model whose head
+cannot be split off its forward (checked once per stream on a few tokens) is evaluated through
+its full forward instead.
 """
 
 from __future__ import annotations
@@ -172,7 +174,8 @@ def _tiles(n: int, vocab: int, chunk_bytes: int, blockable: bool) -> tuple[int, 
     elems = max(1, chunk_bytes // 4)
     if not blockable:
         return max(1, elems // vocab), vocab
-    tokens = max(1, min(n, elems // min(vocab, 2048)))  # rows: as many tokens as fit
+    # as many tokens as fit beside >= 2048 rows: the head's weight is read once per token chunk
+    tokens = max(1, min(n, elems // min(vocab, 2048)))
     return tokens, max(1, min(vocab, elems // tokens))
 
 
