@@ -4,11 +4,13 @@ import math
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from polyprune.data.sources import DirectorySource
-from polyprune.eval.perplexity import heldout_stream, perplexity
+from polyprune.eval.perplexity import heldout_stream, perplexity, split_head, stream_perplexity
 
-from .conftest import tiny_model
+from .conftest import VOCAB, tiny_model
 
 
 def reference_ppl(model, stream: torch.Tensor, seqlen: int) -> float:
@@ -57,3 +59,134 @@ def test_perplexity_of_each_language_from_a_directory(tokenizer, tmp_path):
     res = perplexity(model, tokenizer, ["de", "en"], DirectorySource(tmp_path), seqlen=16,
                      progress=False)  # fmt: skip
     assert set(res) == {"de", "en"} and all(r.ppl > 1 for r in res.values())
+
+
+def tiny_extra(family: str, **kw):
+    """Families with a head transform: Gemma 2 (softcap), Gemma 3 text, Cohere, Granite."""
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GraniteConfig,
+        GraniteForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    if family == "gemma2":
+        cfg = Gemma2Config(head_dim=16, **common, **kw)
+        return Gemma2ForCausalLM(cfg)
+    if family == "gemma3":
+        return Gemma3ForCausalLM(Gemma3TextConfig(head_dim=16, **common, **kw))
+    if family == "cohere":
+        return CohereForCausalLM(CohereConfig(**common, **kw))
+    if family == "granite":
+        return GraniteForCausalLM(GraniteConfig(**common, **kw))
+    raise ValueError(family)
+
+
+def scaled_head(model, factor: float = 5.0):
+    """Larger output weights, so that a missed softcap or logit scale changes the NLL a lot."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(factor)
+    return model.eval()
+
+
+FAMILIES = {
+    "llama": lambda: tiny_model("llama"),
+    "qwen2": lambda: tiny_model("qwen2"),
+    "opt": lambda: tiny_model("opt"),
+    "gpt2": lambda: tiny_model("gpt2"),
+    "gemma2-softcap": lambda: tiny_extra("gemma2", final_logit_softcapping=0.5),
+    "gemma3": lambda: tiny_extra("gemma3"),
+    "cohere-logit-scale": lambda: tiny_extra("cohere", logit_scale=0.25),
+    "granite-logits-scaling": lambda: tiny_extra("granite", logits_scaling=4.0),
+}
+
+
+class OpaqueHead(torch.nn.Linear):
+    """A head module the split cannot cut into vocabulary blocks (its own forward)."""
+
+    def forward(self, h):
+        return super().forward(h)
+
+
+def with_opaque_head(model):
+    old = model.get_output_embeddings()
+    head = OpaqueHead(old.in_features, old.out_features, bias=False)
+    head.weight = torch.nn.Parameter(old.weight.detach().clone())
+    model.set_output_embeddings(head)
+    return model
+
+
+FAMILIES["llama-opaque-head"] = lambda: with_opaque_head(tiny_model("llama"))
+
+
+# 7 tokens x the whole vocabulary a tile; 1 token x 300 rows: blocks of vocabulary rows, the
+# last one partial. Token chunks cross window boundaries and the last one is partial.
+@pytest.mark.parametrize("chunk_elems", [7 * VOCAB, 300])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_chunked_perplexity_equals_the_full_logit_one(tokenizer, family, chunk_elems):
+    model = scaled_head(FAMILIES[family]())
+    stream = heldout_stream(tokenizer, "en", max_tokens=300)
+    assert split_head(model, stream[:16]) is not None  # the split path, not the fallback
+    full = stream_perplexity(model, stream, 40, batch_size=3, chunked=False)
+    chunked = stream_perplexity(model, stream, 40, batch_size=3, logit_chunk_bytes=4 * chunk_elems)
+    assert chunked[1:] == full[1:]
+    assert chunked[0] == pytest.approx(full[0], rel=1e-4)
+
+
+def test_a_head_the_split_cannot_reproduce_falls_back_to_the_full_forward(tokenizer):
+    model = tiny_model("llama").eval()
+    forward = model.forward
+
+    def doubled(*args, **kwargs):  # a custom forward scaling the logits, unknown to the split
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    model.forward = doubled
+    stream = heldout_stream(tokenizer, "en", max_tokens=200)
+    assert split_head(model, stream[:16]) is None
+    full = stream_perplexity(model, stream, 32, chunked=False)
+    assert stream_perplexity(model, stream, 32) == full
+
+
+class VocabAllocations(TorchDispatchMode):
+    """Largest tensor allocated with a last dimension of the vocabulary size (logits)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.largest = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for t in pytree.tree_leaves(out):
+            new = isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs
+            if new and t.dim() and t.shape[-1] == self.vocab:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_no_logit_tensor_larger_than_one_chunk_is_allocated(tokenizer, family):
+    model = tiny_model(family).eval()
+    stream = heldout_stream(tokenizer, "en", max_tokens=600)
+    chunk_tokens = 16
+    with VocabAllocations(VOCAB) as seen:
+        stream_perplexity(
+            model, stream, 64, batch_size=8, logit_chunk_bytes=chunk_tokens * 4 * VOCAB
+        )
+    assert 0 < seen.largest <= chunk_tokens * VOCAB  # the full logits are 8 x 64 x VOCAB
