@@ -7,7 +7,7 @@ three of the diagnostics at once:
 * SNR and pruning error per layer, per evaluation language (``snr.py``);
 * LSAR: per layer, the mean embedding of every prompt (token mean, special tokens left out)
   for the dense and each compressed model (``lsar.py``);
-* LAPE: hooks on the SwiGLU MLPs count activations per language while the blocks run
+* LAPE: hooks on the gated MLPs (any activation) count activations per language while the blocks run
   (``lape.py``);
 
 and mask IoU is computed from the runs' saved masks, one Linear at a time (``iou.py``). The
@@ -32,11 +32,12 @@ from torch import nn
 from polyprune.analysis.hidden import lockstep_block_outputs
 from polyprune.analysis.iou import MaskFile, group_of, pair_counts, ratio
 from polyprune.analysis.lape import (
+    GATED_PARTS,
     LapeCounter,
     box_stats,
     neuron_groups,
     select_language_neurons,
-    swiglu_mlps,
+    gated_mlps,
 )
 from polyprune.analysis.lsar import lsar_subspace, projected_change, projected_norms
 from polyprune.analysis.snr import LayerErrorStats
@@ -54,7 +55,7 @@ MASKS = "masks.safetensors"
 @dataclass(frozen=True)
 class AnalysisConfig:
     """What to analyse and how. ``metrics=None`` means every diagnostic the runs allow (IoU
-    needs saved masks, LAPE a SwiGLU MLP); naming one that cannot run is an error."""
+    needs saved masks, LAPE a gated MLP); naming one that cannot run is an error."""
 
     langs: tuple[str, ...]
     metrics: tuple[str, ...] | None = None
@@ -168,7 +169,7 @@ def _disambiguate(runs: list[Run], suffix) -> None:
             r.label += suffix(r)
 
 
-def _choose_metrics(cfg: AnalysisConfig, runs: list[Run], swiglu: bool) -> tuple[str, ...]:
+def _choose_metrics(cfg: AnalysisConfig, runs: list[Run], gated: bool) -> tuple[str, ...]:
     """The metrics to compute; an explicitly named one that cannot run is an InputError."""
     explicit = cfg.metrics is not None
     wanted = list(cfg.metrics or METRICS)
@@ -190,8 +191,8 @@ def _choose_metrics(cfg: AnalysisConfig, runs: list[Run], swiglu: bool) -> tuple
     if "lsar" in wanted and len(cfg.langs) < 2:
         drop("lsar", "needs at least two evaluation languages")
     if "lape" in wanted:
-        if not swiglu:
-            drop("lape", "the model has no SwiGLU MLP (gate_proj, up_proj, act_fn)")
+        if not gated:
+            drop("lape", f"the model has no gated MLP ({', '.join(GATED_PARTS)})")
         elif len(cfg.langs) < 2:
             drop("lape", "needs at least two evaluation languages")
     return tuple(wanted)
@@ -491,11 +492,11 @@ def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, token
             if a != b:
                 raise InputError(f"run {str(r.path)!r} has {key} {b}, the dense model {a}")
     try:
-        swiglu_mlps(_skeleton(config))
-        swiglu = True
+        gated_mlps(_skeleton(config))
+        gated = True
     except ValueError:
-        swiglu = False
-    metrics = _choose_metrics(cfg, runs, swiglu)
+        gated = False
+    metrics = _choose_metrics(cfg, runs, gated)
     if not metrics:
         raise InputError("no metric can run on these inputs")
     tok = tokenizer or load_tokenizer(dense)
