@@ -4,7 +4,9 @@ All inputs are checked before any weights load (runs, languages, metrics, archit
 masks, held-out text). Then one lockstep pass over the decoder blocks (``hidden.py``) feeds
 three of the diagnostics at once:
 
-* SNR and pruning error per layer, per evaluation language (``snr.py``);
+* SNR and pruning error per layer, per evaluation language (``snr.py``), over the ordinary
+  tokens: special tokens are left out, as for LSAR (Gemma's BOS hidden state is its attention
+  sink, the same in every window and ten times the norm of the others: it would dominate);
 * LSAR: per layer, the mean embedding of every prompt (token mean, special tokens left out)
   for the dense and each compressed model (``lsar.py``);
 * LAPE: hooks on the gated MLPs (any activation) count activations per language while the blocks run
@@ -14,7 +16,7 @@ and mask IoU is computed from the runs' saved masks, one Linear at a time (``iou
 result is one JSON-able dict, which ``report.py`` turns into plots, ``report.md`` and
 ``metrics.json``. The held-out text is the source's held-out split (never used for
 calibration): per language, the first ``nsamples`` windows of ``seqlen`` tokens of its
-EOS-joined documents.
+EOS-joined documents, each starting with BOS where the tokenizer adds one (``data.windows``).
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from polyprune.analysis.lape import (
     GATED_PARTS,
     LapeCounter,
     box_stats,
+    gated_mlps,
     neuron_groups,
     select_language_neurons,
-    gated_mlps,
 )
 from polyprune.analysis.lsar import lsar_subspace, projected_change, projected_norms
 from polyprune.analysis.snr import LayerErrorStats
@@ -201,15 +203,19 @@ def _choose_metrics(cfg: AnalysisConfig, runs: list[Run], gated: bool) -> tuple[
 def heldout_windows(
     tokenizer, langs: tuple[str, ...], source, nsamples: int, seqlen: int
 ) -> tuple[torch.Tensor, list[slice], dict[str, int]]:
-    """Up to ``nsamples`` consecutive ``seqlen``-token windows of held-out text per language:
-    (windows (N, seqlen), one slice of rows per language, windows per language)."""
+    """Up to ``nsamples`` consecutive ``seqlen``-token windows of held-out text per language,
+    each starting with BOS where the tokenizer adds one (``data.windows``): (windows (N,
+    seqlen), one slice of rows per language, windows per language)."""
+    from polyprune.data.windows import cut_windows, window_bos
     from polyprune.eval.perplexity import heldout_stream
 
     parts, segments, counts = [], [], {}
     start = 0
+    bos = window_bos(tokenizer)
     for lang in langs:
         stream = heldout_stream(tokenizer, lang, source, max_tokens=nsamples * seqlen)
-        n = len(stream) // seqlen
+        rows = cut_windows(stream, seqlen, bos, nsamples)
+        n = rows.shape[0]
         if n == 0:
             raise InputError(
                 f"language {lang} has only {len(stream)} held-out tokens, fewer than one "
@@ -218,7 +224,7 @@ def heldout_windows(
         if n < nsamples:
             logger.warning("%s: %d held-out windows of %d tokens (asked for %d)",
                            lang, n, seqlen, nsamples)  # fmt: skip
-        parts.append(stream[: n * seqlen].reshape(n, seqlen))
+        parts.append(rows)
         segments.append(slice(start, start + n))
         counts[lang] = n
         start += n
@@ -268,7 +274,8 @@ def _run_pass(
                 for name in runs:
                     for i, seg in enumerate(segments):
                         s = LayerErrorStats()
-                        s.update(outs["dense"][seg], outs[name][seg])
+                        k = keep_d[seg].bool()  # BOS: a context-free sink, huge norms
+                        s.update(outs["dense"][seg][k], outs[name][seg][k])
                         res.errors[name][i].append(s)
             if "lsar" in metrics:
                 for name, h in outs.items():  # (N, T, d) -> prompt means (N, d)

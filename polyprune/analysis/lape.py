@@ -4,8 +4,9 @@ Neurons: The Key to Multilingual Capabilities in Large Language Models").
 A neuron of a gated MLP, down_proj(act(gate_proj(x)) * up_proj(x)) with any activation act
 (SwiGLU: SiLU; Gemma's GeGLU: tanh-approximated GELU), is *active* on a token when
 act(gate) > 0, evaluated with the model's own ``act_fn`` on its own gate outputs (for SiLU and
-GELU that is gate > 0 up to underflow of denormal inputs, where act(gate) rounds to 0). Per language l, its activation probability p_l is the fraction of tokens on
-which it is active. The probabilities are L1-normalised over languages, p'_l = p_l / sum p,
+GELU that is gate > 0 up to underflow of denormal inputs, where act(gate) rounds to 0).
+Per language l, its activation probability p_l is the fraction of tokens on which it is
+active. The probabilities are L1-normalised over languages, p'_l = p_l / sum p,
 and LAPE = -sum_l p'_l ln p'_l (natural log, 0 ln 0 = 0): low LAPE means language-specific. A
 neuron that never fires has no distribution over languages: its LAPE is NaN.
 
@@ -56,9 +57,7 @@ def gated_mlps(model: nn.Module) -> list[nn.Module]:
     for block in find_blocks(model)[1]:
         mlp = next((m for m in block.modules() if all(hasattr(m, a) for a in GATED_PARTS)), None)
         if mlp is None:
-            raise ValueError(
-                f"{type(block).__name__} has no gated MLP ({', '.join(GATED_PARTS)})"
-            )
+            raise ValueError(f"{type(block).__name__} has no gated MLP ({', '.join(GATED_PARTS)})")
         mlps.append(mlp)
     return mlps
 
