@@ -4,17 +4,19 @@ All inputs are checked before any weights load (runs, languages, metrics, archit
 masks, held-out text). Then one lockstep pass over the decoder blocks (``hidden.py``) feeds
 three of the diagnostics at once:
 
-* SNR and pruning error per layer, per evaluation language (``snr.py``);
+* SNR and pruning error per layer, per evaluation language (``snr.py``), over the ordinary
+  tokens: special tokens are left out, as for LSAR (Gemma's BOS hidden state is its attention
+  sink, the same in every window and ten times the norm of the others: it would dominate);
 * LSAR: per layer, the mean embedding of every prompt (token mean, special tokens left out)
   for the dense and each compressed model (``lsar.py``);
-* LAPE: hooks on the SwiGLU MLPs count activations per language while the blocks run
+* LAPE: hooks on the gated MLPs (any activation) count activations per language while the blocks run
   (``lape.py``);
 
 and mask IoU is computed from the runs' saved masks, one Linear at a time (``iou.py``). The
 result is one JSON-able dict, which ``report.py`` turns into plots, ``report.md`` and
 ``metrics.json``. The held-out text is the source's held-out split (never used for
 calibration): per language, the first ``nsamples`` windows of ``seqlen`` tokens of its
-EOS-joined documents.
+EOS-joined documents, each starting with BOS where the tokenizer adds one (``data.windows``).
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ from polyprune.analysis.checks import check_masks, check_runs_match
 from polyprune.analysis.hidden import lockstep_block_outputs
 from polyprune.analysis.iou import MaskFile, group_of, pair_counts, ratio
 from polyprune.analysis.lape import (
+    GATED_PARTS,
     LapeCounter,
     box_stats,
+    gated_mlps,
     neuron_groups,
     select_language_neurons,
-    swiglu_mlps,
 )
 from polyprune.analysis.lsar import lsar_subspace, projected_change, projected_norms
 from polyprune.analysis.snr import LayerErrorStats
@@ -56,7 +59,7 @@ MASKS = "masks.safetensors"
 @dataclass(frozen=True)
 class AnalysisConfig:
     """What to analyse and how. ``metrics=None`` means every diagnostic the runs allow (IoU
-    needs saved masks, LAPE a SwiGLU MLP); naming one that cannot run is an error."""
+    needs saved masks, LAPE a gated MLP); naming one that cannot run is an error."""
 
     langs: tuple[str, ...]
     metrics: tuple[str, ...] | None = None
@@ -172,7 +175,7 @@ def _disambiguate(runs: list[Run], suffix) -> None:
             r.label += suffix(r)
 
 
-def _choose_metrics(cfg: AnalysisConfig, runs: list[Run], swiglu: bool) -> tuple[str, ...]:
+def _choose_metrics(cfg: AnalysisConfig, runs: list[Run], gated: bool) -> tuple[str, ...]:
     """The metrics to compute; an explicitly named one that cannot run is an InputError."""
     explicit = cfg.metrics is not None
     wanted = list(cfg.metrics or METRICS)
@@ -194,8 +197,8 @@ def _choose_metrics(cfg: AnalysisConfig, runs: list[Run], swiglu: bool) -> tuple
     if "lsar" in wanted and len(cfg.langs) < 2:
         drop("lsar", "needs at least two evaluation languages")
     if "lape" in wanted:
-        if not swiglu:
-            drop("lape", "the model has no SwiGLU MLP (gate_proj, up_proj, act_fn)")
+        if not gated:
+            drop("lape", f"the model has no gated MLP ({', '.join(GATED_PARTS)})")
         elif len(cfg.langs) < 2:
             drop("lape", "needs at least two evaluation languages")
     return tuple(wanted)
@@ -204,15 +207,19 @@ def _choose_metrics(cfg: AnalysisConfig, runs: list[Run], swiglu: bool) -> tuple
 def heldout_windows(
     tokenizer, langs: tuple[str, ...], source, nsamples: int, seqlen: int
 ) -> tuple[torch.Tensor, list[slice], dict[str, int]]:
-    """Up to ``nsamples`` consecutive ``seqlen``-token windows of held-out text per language:
-    (windows (N, seqlen), one slice of rows per language, windows per language)."""
+    """Up to ``nsamples`` consecutive ``seqlen``-token windows of held-out text per language,
+    each starting with BOS where the tokenizer adds one (``data.windows``): (windows (N,
+    seqlen), one slice of rows per language, windows per language)."""
+    from polyprune.data.windows import cut_windows, window_bos
     from polyprune.eval.perplexity import heldout_stream
 
     parts, segments, counts = [], [], {}
     start = 0
+    bos = window_bos(tokenizer)
     for lang in langs:
         stream = heldout_stream(tokenizer, lang, source, max_tokens=nsamples * seqlen)
-        n = len(stream) // seqlen
+        rows = cut_windows(stream, seqlen, bos, nsamples)
+        n = rows.shape[0]
         if n == 0:
             raise InputError(
                 f"language {lang} has only {len(stream)} held-out tokens, fewer than one "
@@ -221,7 +228,7 @@ def heldout_windows(
         if n < nsamples:
             logger.warning("%s: %d held-out windows of %d tokens (asked for %d)",
                            lang, n, seqlen, nsamples)  # fmt: skip
-        parts.append(stream[: n * seqlen].reshape(n, seqlen))
+        parts.append(rows)
         segments.append(slice(start, start + n))
         counts[lang] = n
         start += n
@@ -271,7 +278,8 @@ def _run_pass(
                 for name in runs:
                     for i, seg in enumerate(segments):
                         s = LayerErrorStats()
-                        s.update(outs["dense"][seg], outs[name][seg])
+                        k = keep_d[seg].bool()  # BOS: a context-free sink, huge norms
+                        s.update(outs["dense"][seg][k], outs[name][seg][k])
                         res.errors[name][i].append(s)
             if "lsar" in metrics:
                 for name, h in outs.items():  # (N, T, d) -> prompt means (N, d)
@@ -500,11 +508,11 @@ def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, token
     n_blocks = len(find_blocks(skeleton)[1])
     check_runs_match(dense, config, runs)
     try:
-        swiglu_mlps(skeleton)
-        swiglu = True
+        gated_mlps(skeleton)
+        gated = True
     except ValueError:
-        swiglu = False
-    metrics = _choose_metrics(cfg, runs, swiglu)
+        gated = False
+    metrics = _choose_metrics(cfg, runs, gated)
     if not metrics:
         raise InputError("no metric can run on these inputs")
     if "iou" in metrics:

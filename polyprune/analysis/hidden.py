@@ -110,9 +110,11 @@ def compare_hidden_states(
     batch_size: int = 8,
     device: str = "cpu",
     progress: bool = True,
+    keep: torch.Tensor | None = None,
 ) -> dict[str, list[LayerErrorStats]]:
     """Per compressed model, per layer: sums of ||h||^2, ||h - h'||^2 and ||h|| over all tokens
-    of ``input_ids`` (N, T), h the dense block output and h' the compressed one."""
+    of ``input_ids`` (N, T), or those where the bool ``keep`` (N, T) is set, h the dense block
+    output and h' the compressed one."""
     if "dense" in compressed:
         raise ValueError("'dense' is reserved for the dense model")
     stats: dict[str, list[LayerErrorStats]] = {name: [] for name in compressed}
@@ -122,6 +124,10 @@ def compare_hidden_states(
     ):
         for name in compressed:
             s = LayerErrorStats()
-            s.update(outs["dense"], outs[name])
+            if keep is None:
+                s.update(outs["dense"], outs[name])
+            else:
+                k = keep.to(outs[name].device)
+                s.update(outs["dense"][k], outs[name][k])
             stats[name].append(s)
     return stats

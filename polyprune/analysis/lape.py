@@ -1,9 +1,12 @@
 """LAPE, language activation probability entropy (Tang et al., ACL 2024, "Language-Specific
 Neurons: The Key to Multilingual Capabilities in Large Language Models").
 
-A neuron of a SwiGLU MLP (down_proj(act(gate) * up)) is *active* on a token when
-act(gate) > 0. Per language l, its activation probability p_l is the fraction of tokens on
-which it is active. The probabilities are L1-normalised over languages, p'_l = p_l / sum p,
+A neuron of a gated MLP, down_proj(act(gate_proj(x)) * up_proj(x)) with any activation act
+(SwiGLU: SiLU; Gemma's GeGLU: tanh-approximated GELU), is *active* on a token when
+act(gate) > 0, evaluated with the model's own ``act_fn`` on its own gate outputs (for SiLU and
+GELU that is gate > 0 up to underflow of denormal inputs, where act(gate) rounds to 0).
+Per language l, its activation probability p_l is the fraction of tokens on which it is
+active. The probabilities are L1-normalised over languages, p'_l = p_l / sum p,
 and LAPE = -sum_l p'_l ln p'_l (natural log, 0 ln 0 = 0): low LAPE means language-specific. A
 neuron that never fires has no distribution over languages: its LAPE is NaN.
 
@@ -26,11 +29,12 @@ from polyprune.models import find_blocks
 __all__ = [
     "LapeCounter",
     "LanguageNeurons",
+    "GATED_PARTS",
     "box_stats",
     "lape_entropy",
     "neuron_groups",
     "select_language_neurons",
-    "swiglu_mlps",
+    "gated_mlps",
 ]
 
 
@@ -43,15 +47,17 @@ def lape_entropy(counts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.where(total[0] > 0, ent, torch.nan)
 
 
-def swiglu_mlps(model: nn.Module) -> list[nn.Module]:
-    """The MLP of every decoder block, if it is SwiGLU-shaped (gate_proj, up_proj, act_fn)."""
+GATED_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
+
+
+def gated_mlps(model: nn.Module) -> list[nn.Module]:
+    """The MLP of every decoder block, if it is a gated MLP down_proj(act_fn(gate_proj(x)) *
+    up_proj(x)), whatever its activation: the module that has all of ``GATED_PARTS``."""
     mlps = []
     for block in find_blocks(model)[1]:
-        mlp = next(
-            (m for m in block.modules() if hasattr(m, "gate_proj") and hasattr(m, "act_fn")), None
-        )
+        mlp = next((m for m in block.modules() if all(hasattr(m, a) for a in GATED_PARTS)), None)
         if mlp is None:
-            raise ValueError(f"{type(block).__name__} has no SwiGLU MLP (gate_proj, act_fn)")
+            raise ValueError(f"{type(block).__name__} has no gated MLP ({', '.join(GATED_PARTS)})")
         mlps.append(mlp)
     return mlps
 
@@ -61,7 +67,7 @@ class LapeCounter:
     and set ``lang`` before each forward pass."""
 
     def __init__(self, model: nn.Module, n_langs: int, device: torch.device | str | None = None):
-        self.mlps = swiglu_mlps(model)
+        self.mlps = gated_mlps(model)
         width = self.mlps[0].gate_proj.out_features
         device = next(model.parameters()).device if device is None else device
         self.counts = torch.zeros(len(self.mlps), n_langs, width, dtype=torch.int64, device=device)

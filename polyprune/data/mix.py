@@ -30,6 +30,7 @@ import torch
 from polyprune.checks import check_int, check_seed
 from polyprune.data.cache import cache_path, load_cached, save_cached, tokenizer_fingerprint
 from polyprune.data.sources import TextSource, get_source
+from polyprune.data.windows import window_bos
 from polyprune.errors import MAX_ECHO, InputError, cut, shorten
 
 __all__ = [
@@ -196,6 +197,20 @@ def _tokenize(tokenizer, docs: list[str]) -> list[list[int]]:
     return out
 
 
+class _NoBos:
+    """A tokenizer seen as adding no BOS (the caller adds it to each window)."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+        self.bos_token_id = None
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tok(*args, **kwargs)
+
+
 def sample_windows(
     docs: list[str],
     tokenizer,
@@ -205,9 +220,17 @@ def sample_windows(
     mode: SamplingMode,
     lang: str,
 ) -> torch.Tensor:
-    """``n`` windows of ``seqlen`` tokens from ``docs``, seeded by ``(seed, lang)``: (n, T)."""
+    """``n`` windows of ``seqlen`` tokens from ``docs``, seeded by ``(seed, lang)``: (n, T).
+    Where the tokenizer adds a BOS, each window is BOS + ``seqlen - 1`` text tokens
+    (``data.windows``): the model is calibrated on text as it sees it."""
     if mode not in SAMPLING_MODES:
         raise InputError(f"unknown sampling mode {mode!r}; allowed: {', '.join(SAMPLING_MODES)}")
+    bos = window_bos(tokenizer)
+    if bos is not None:
+        if seqlen < 2:
+            raise InputError(f"seqlen {seqlen} leaves no room for text after the BOS token")
+        rows = sample_windows(docs, _NoBos(tokenizer), n, seqlen - 1, seed, mode, lang)
+        return torch.cat([torch.full((n, 1), bos, dtype=rows.dtype), rows], 1)
     rng = _lang_rng(seed, lang)
     need = n * seqlen
     order = rng.permutation(len(docs))
@@ -291,6 +314,7 @@ def build_calibration_set(
             "seqlen": seqlen,
             "seed": seed,
             "mode": mode,
+            "bos": window_bos(tokenizer),  # windows start with it (data.windows)
         }
         path = cache_path("calib", key)
         windows = load_cached(path) if use_cache else None

@@ -436,8 +436,11 @@ def _compressed_model(cell: Cell, progress: bool):
 def analyse(model, tokenizer, cell: Cell) -> list[ResultRow]:
     """Model SNR (mean over layers, dB) and mean pruning error of the compressed model's hidden
     states against the dense model's, on held-out windows of each evaluation language."""
+    import torch
+
     from polyprune.analysis.hidden import compare_hidden_states
     from polyprune.analysis.snr import model_snr
+    from polyprune.data.windows import cut_windows, window_bos
     from polyprune.eval.perplexity import heldout_stream
     from polyprune.models import load_model, max_positions
 
@@ -445,16 +448,19 @@ def analyse(model, tokenizer, cell: Cell) -> list[ResultRow]:
     dense = load_model(cell.model, cfg.device, cfg.dtype, tokenizer=False).model
     seqlen = ppl.seqlen or min(max_positions(dense.config) or 2048, 2048)
     budget = ANALYSIS_WINDOWS * seqlen
+    bos = window_bos(tokenizer)
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)
     rows = []
     for lang in cfg.eval.langs:
         stream = heldout_stream(tokenizer, lang, ppl.source, min(ppl.max_tokens or budget, budget))
-        n = len(stream) // seqlen
+        windows = cut_windows(stream, seqlen, bos)  # (N, T), BOS first where the model wants it
+        n = windows.shape[0]
         if n == 0:
             raise InputError(f"too little held-out {lang} text for one {seqlen}-token window")
-        windows = stream[: n * seqlen].view(n, seqlen)  # (N, T)
+        keep = ~torch.isin(windows, special)  # as in analyze: BOS (a sink) would dominate
         stats = compare_hidden_states(dense, {"c": model}, windows, cfg.eval.batch_size,
-                                      cfg.device, progress=False)["c"]  # fmt: skip
-        tokens = n * seqlen
+                                      cfg.device, progress=False, keep=keep)["c"]  # fmt: skip
+        tokens = int(keep.sum())
         if "snr" in cfg.analyses:
             rows.append(ResultRow("snr", lang, "snr_db", model_snr(stats), tokens))
         if "error" in cfg.analyses:

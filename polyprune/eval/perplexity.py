@@ -1,7 +1,8 @@
 """Held-out perplexity per language.
 
 The held-out documents of a language are joined with EOS into one token stream, cut into
-consecutive ``seqlen``-token windows (the last one may be shorter), and
+consecutive ``seqlen``-token windows (the last one may be shorter; each starts with BOS where
+the tokenizer adds one, see ``polyprune.data.windows``), and
 PPL = exp(mean token NLL) over every predicted token (each window predicts all its tokens but
 the first). Held-out text is never used for calibration (see ``polyprune.data.sources``).
 
@@ -220,17 +221,23 @@ def _full_nll(model, x: torch.Tensor) -> float:
 def stream_perplexity(
     model, stream: torch.Tensor, seqlen: int, batch_size: int = 8, device: str = "cpu",
     progress: bool = False, desc: str = "ppl", chunked: bool = True,
-    logit_chunk_bytes: int = LOGIT_CHUNK_BYTES,
+    logit_chunk_bytes: int = LOGIT_CHUNK_BYTES, bos: int | None = None,
 ) -> tuple[float, int, int]:  # fmt: skip
     """(ppl, predicted tokens, windows) of ``model`` on a 1-D token stream.
 
-    ``chunked=False`` computes the loss from the model's full logits (the reference, slower and
-    (batch x seqlen x vocab) large); otherwise at most ``logit_chunk_bytes`` of logits at once.
+    With ``bos`` (``data.windows.window_bos``) each window is BOS + ``seqlen - 1`` stream
+    tokens, all of them predicted. ``chunked=False`` computes the loss from the model's full
+    logits (the reference, slower and (batch x seqlen x vocab) large); otherwise at most
+    ``logit_chunk_bytes`` of logits at once.
     """
-    n_full = len(stream) // seqlen
-    windows = [stream[i * seqlen : (i + 1) * seqlen] for i in range(n_full)]
-    tail = stream[n_full * seqlen :]
-    batches = [torch.stack(windows[i : i + batch_size]) for i in range(0, n_full, batch_size)]
+    from polyprune.data.windows import cut_windows
+
+    full = cut_windows(stream, seqlen, bos)  # (n_full, seqlen)
+    n_full = full.shape[0]
+    tail = stream[n_full * (seqlen - (bos is not None)) :]
+    if bos is not None and len(tail):
+        tail = torch.cat([torch.tensor([bos], dtype=stream.dtype), tail])
+    batches = [full[i : i + batch_size] for i in range(0, n_full, batch_size)]
     if len(tail) >= 2:
         batches.append(tail.unsqueeze(0))
     if not batches:
@@ -266,12 +273,15 @@ def perplexity(
     seqlen = seqlen or min(limit or 2048, 2048)
     if limit is not None and seqlen > limit:
         raise InputError(f"seqlen {seqlen} is above the model's maximum positions ({limit})")
+    from polyprune.data.windows import window_bos
+
     src = get_source(source)
+    bos = window_bos(tokenizer)
     out = {}
     for lang in langs:
         stream = heldout_stream(tokenizer, lang, src, max_tokens)
         ppl, tokens, windows = stream_perplexity(
-            model, stream, seqlen, batch_size, device, progress, desc=f"ppl {lang}"
+            model, stream, seqlen, batch_size, device, progress, desc=f"ppl {lang}", bos=bos
         )
         out[lang] = PerplexityResult(lang, ppl, tokens, windows)
         logger.info("%s: perplexity %.2f over %d tokens", lang, ppl, tokens)
