@@ -426,7 +426,10 @@ def _compressed_model(cell: Cell, progress: bool):
         command=f"polyprune matrix ({cfg.name}: {cell.label})",
     )  # fmt: skip
     if cell.method in PRUNE_METHODS:
-        model, _ = prune(cell.model, cell.method, sparsity=cell.sparsity, pattern=cfg.pattern, **kw)
+        # kept outputs carry their masks (bit-packed, 1/16 of bf16 weights) so that
+        # `polyprune analyze` can compare them (IoU) without pruning again
+        model, _ = prune(cell.model, cell.method, sparsity=cell.sparsity, pattern=cfg.pattern,
+                         save_masks=out is not None, **kw)  # fmt: skip
     else:
         model, _ = quantize(cell.model, cell.method, bits=cell.bits,
                             group_size=cfg.group_size, **kw)  # fmt: skip
