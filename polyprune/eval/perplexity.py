@@ -42,11 +42,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# fp32 logits of one tile: 8 MiB is 1024 tokens x 2048 vocabulary rows, a product large enough
-# for the head's matmul to run at full speed, and tiles that stay in cache between the product
-# and the log-sum-exp passes (measured on a 262k vocabulary: bf16 head 2.2 s with 8 MiB tiles,
-# 3.0 s with 64 MiB, 3.3 s with the full logits; fp32 about equal).
-LOGIT_CHUNK_BYTES = 8 << 20
+# fp32 logits of one tile: 64 MiB is ~2k tokens x 8k vocabulary rows of a 262k vocabulary, a
+# product large enough for the head's matmul to run at full speed, the weight read once per
+# batch of <= 8192 tokens. (8 MiB tiles measured no faster on Gemma 3 270M in bf16 on a CPU.)
+LOGIT_CHUNK_BYTES = 64 << 20
 _PROBE_TOKENS = 8  # tokens run both ways to check that the head splits off the forward
 
 
@@ -182,7 +181,12 @@ def _tiles(n: int, vocab: int, chunk_bytes: int, blockable: bool) -> tuple[int, 
 
 def _tile_nll(spec: LogitHead, h: torch.Tensor, y: torch.Tensor, rows: int) -> float:
     """Summed NLL of targets ``y`` from hidden states ``h``: log-sum-exp accumulated online
-    over blocks of ``rows`` vocabulary rows, in fp32."""
+    over blocks of ``rows`` vocabulary rows, in fp32.
+
+    Within 1e-8 nats a token of a float64 log-sum-exp on 262k random logits, where fp32
+    ``F.cross_entropy`` over the whole row is 2e-5 nats low: the chunked perplexities of a
+    262k-vocabulary model are ~2e-5 relative above the full-logit ones, and closer to exact.
+    """
     n = len(y)
     top = torch.full((n,), -math.inf, device=h.device)  # running max logit
     total = torch.zeros(n, device=h.device)  # sum of exp(logit - top)
