@@ -246,7 +246,7 @@ def test_analyze_refuses_a_run_of_another_architecture_of_the_same_sizes(tiny_mo
     dense = tiny_model_dir("llama")
     run = _run(tiny_model_dir("qwen2"), tmp_path / "qwen2-run")
     r = run_cli("analyze", "--dense", dense, "--compressed", run, "--langs", "de,en",
-                "--out", tmp_path / "report", "-q")  # fmt: skip
+                "--seqlen", "32", "--out", tmp_path / "report", "-q")  # fmt: skip
     assert r.returncode == 2, r.stderr
     err = one_error(r.stderr)
     assert f"run {str(run)!r} is a qwen2 model (model_type), the dense model llama" in err
@@ -256,7 +256,7 @@ def test_analyze_refuses_a_run_of_another_architecture_of_the_same_sizes(tiny_mo
 def test_analyze_refuses_a_gpt2_run_against_a_llama_dense_model(tiny_model_dir, tmp_path, capsys):
     run = _run(tiny_model_dir("gpt2"), tmp_path / "gpt2-run")
     assert cli("analyze", "--dense", tiny_model_dir("llama"), "--compressed", run, "--langs",
-               "de,en", "--out", tmp_path / "r", "-q") == 2  # fmt: skip
+               "de,en", "--seqlen", "32", "--out", tmp_path / "r", "-q") == 2  # fmt: skip
     assert "is a gpt2 model (model_type), the dense model llama" in one_error(
         capsys.readouterr().err
     )
@@ -269,7 +269,7 @@ def test_analyze_names_a_damaged_run_checkpoint_before_loading_any(
     run = _run(dense, tmp_path / "run")
     corrupt(run / "model.safetensors", "bad offsets")
     assert cli("analyze", "--dense", dense, "--compressed", run, "--langs", "de,en",
-               "--out", tmp_path / "r", "-q") == 2  # fmt: skip
+               "--seqlen", "32", "--out", tmp_path / "r", "-q") == 2  # fmt: skip
     err = one_error(capsys.readouterr().err)
     assert f"{run / 'model.safetensors'} is not a readable safetensors file" in err
 
@@ -281,7 +281,18 @@ def test_analyze_refuses_a_run_made_from_another_dense_model(tiny_model_dir, tmp
     run = _run(source, tmp_path / "run")
     other = Path(shutil.copytree(source, tmp_path / "other"))  # same config, other weights
     tiny_model("llama", seed=1).save_pretrained(other)
-    base = ["analyze", "--compressed", run, "--langs", "de,en", "--out", tmp_path / "r", "-q"]
+    base = [
+        "analyze",
+        "--compressed",
+        run,
+        "--langs",
+        "de,en",
+        "--seqlen",
+        "32",
+        "--out",
+        tmp_path / "r",
+        "-q",
+    ]
     assert cli(*base, "--dense", other) == 2
     err = one_error(capsys.readouterr().err)
     assert f"run {str(run)!r} was made from {source}, not from the dense model {other}" in err
@@ -317,7 +328,7 @@ def iou_runs(tiny_model_dir, tmp_path):
 
 def _analyze_iou(dense, runs, out: Path) -> int:
     return cli("analyze", "--dense", dense, "--compressed", *runs, "--langs", "de,en",
-               "--metrics", "iou", "--out", out, "-q")  # fmt: skip
+               "--seqlen", "32", "--metrics", "iou", "--out", out, "-q")  # fmt: skip
 
 
 def test_analyze_iou_of_sound_masks_runs(iou_runs, tmp_path):
