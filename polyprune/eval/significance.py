@@ -230,14 +230,19 @@ def compare_with_best(
     rng: np.random.Generator,
     alpha: float = ALPHA,
     n_boot: int = N_BOOT,
+    best: str | None = None,
 ) -> BestSet:
-    """The best mix by estimate, and every mix whose paired test against it is not
-    significant after Holm's correction over the comparisons with the best."""
+    """The best mix by estimate (or ``best`` where the caller has chosen it, e.g. a table's
+    mark), and every mix whose paired test against it is not significant after Holm's
+    correction over the comparisons with the best."""
     if not samples:
         raise ValueError("no samples to compare")
     names = sorted(samples)  # a fixed order: the random stream, so the result, is reproducible
-    est = np.array([samples[n].estimate() for n in names])
-    best = names[int(np.argmax(est) if higher_is_better else np.argmin(est))]
+    if best is None:
+        est = np.array([samples[n].estimate() for n in names])
+        best = names[int(np.argmax(est) if higher_is_better else np.argmin(est))]
+    elif best not in samples:
+        raise ValueError(f"best {best!r} is not among the samples")
     others = [n for n in names if n != best]
     tests = {n: paired_test(samples[best], samples[n], rng, n_boot) for n in others}
     adjusted = dict(zip(others, holm([tests[n].p_value for n in others]).tolist(), strict=True))
