@@ -8,7 +8,7 @@ import pytest
 from polyprune.eval.compare import column_rng, entry_samples, table_marks
 from polyprune.eval.significance import compare_with_best
 from polyprune.eval.summary import dense_sentence, target_sentence, worst_sentence
-from polyprune.eval.tables import build_tables
+from polyprune.eval.tables import build_tables, to_csv, to_markdown, write_tables
 
 DOCS = 30
 SHIFTS = {  # extra NLL per token over the dense model, per (mix, language)
@@ -113,7 +113,13 @@ def test_summary_sentences_follow_the_marks(marked):
     )
     assert "significantly worse than the best: none" in target_sentence(table, m)
     worst = worst_sentence(table, m)
-    assert worst.startswith("The worst calibration is de and en: last in 1 of 2 evaluation")
+    assert worst == (
+        "The worst calibration is de (last in 1 of 2 evaluation languages, significantly worse "
+        "than the best in 1 of them, last or second to last in 1) and en (last in 1 of 2 "
+        "evaluation languages, significantly worse than the best in 1 of them, last or second "
+        "to last in 1); by mean rank over the languages (1 = best, 3 = last) the worst is de, "
+        "de,en and en (2.0)."
+    )
     assert dense_sentence(table, m).startswith(
         "6 of 6 entries (calibration x language) differ significantly from the dense model "
         "(6 worse, 0 better"
@@ -137,3 +143,47 @@ def test_accuracy_entries_with_one_seed_are_compared_by_mcnemar():
     assert m.methods == {"McNemar exact"}
     assert m.tied[:, 0].tolist() == [False, True, False]  # dense, de (best), en
     assert m.differs_from_dense[1:, 0].all()
+
+
+def _cells(markdown: str) -> dict[str, list[str]]:
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
+    return {r.split(" | ")[0][2:]: r.strip("| ").split(" | ")[1:] for r in rows[1:]}
+
+
+def test_markdown_marks_exactly_the_mixes_the_test_says():
+    rows, units = planted()
+    (table,) = build_tables(rows, units, n_boot=500)
+    cells = _cells(to_markdown(table))
+    for j in range(len(table.langs)):
+        cand = {table.mixes[i]: s for (i, jj), s in entry_samples(table, rows, units).items()
+                if jj == j and i > 0}  # fmt: skip
+        best = table.mixes[table.best()[j]]
+        res = compare_with_best(cand, False, column_rng(table, j, "best"), n_boot=500, best=best)
+        assert cells[best][j].startswith("**")
+        italic = {m for m in table.mixes if cells[m][j].startswith("*") and m != best}
+        assert italic == res.tied - {best}
+    assert cells["de,en"][0].startswith("*") and not cells["de,en"][0].startswith("**")
+    assert not cells["en"][0].startswith("*")
+    assert "95% bootstrap interval" in to_markdown(table)
+
+
+def test_cells_show_the_interval_and_csv_the_marks_and_p_values():
+    rows, units = planted()
+    (table,) = build_tables(rows, units, n_boot=300)
+    lo, hi = table.marks.ci_lo[1, 0], table.marks.ci_hi[1, 0]
+    assert f"[{lo:.2f}, {hi:.2f}]" in _cells(to_markdown(table))["de"][0]
+    lines = to_csv(table).splitlines()
+    header = lines[0].split(",")
+    en_row = next(line for line in lines if line.startswith("en,")).split(",")
+    assert en_row[header.index("de_mark")] == ""  # significantly worse than the best in de
+    assert float(en_row[header.index("de_p_best")]) <= 0.05
+    assert float(en_row[header.index("de_p_dense")]) <= 0.05
+
+
+def test_write_tables_writes_the_summary(tmp_path):
+    rows, units = planted()
+    write_tables(rows, tmp_path, png=False, units=units, n_boot=200)
+    text = (tmp_path / "summary.md").read_text()
+    assert "## demo · wanda 0.5 · ppl (ppl, lower is better)" in text
+    assert "best or tied with the best in 2 of 2 evaluation languages" in text
+    assert "6 of 6 entries (calibration x language) differ significantly" in text

@@ -25,6 +25,11 @@ def _langs(names) -> str:
     return ", ".join(names) if names else "none"
 
 
+def _and(names: list[str]) -> str:
+    """ "a", "a and b", "a, b and c"."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def target_sentence(t, m: Marks) -> str:
     """How often the target-language calibration is best or tied with the best."""
     best = t.best()
@@ -78,15 +83,18 @@ def worst_sentence(t, m: Marks) -> str:
     top = max(last.values())
     worst = sorted(k for k, v in last.items() if v == top)
     ranks = {k: float(np.mean(v)) for k, v in _ranks(t).items() if v}
-    by_rank = max(ranks, key=lambda k: (ranks[k], k))
-    parts = [
-        f"The worst calibration is {' and '.join(worst)}: last in {top} of {n_cols} evaluation "
-        f"languages (significantly worse than the best in "
-        f"{', '.join(str(sig[k]) for k in worst)} of them)",
-        f"last or second to last in {last2[worst[0]]}" if len(rows) > 2 else "",
-        f"by mean rank over languages the worst is {by_rank} ({ranks[by_rank]:.1f} of {len(rows)})",
+    low = max(ranks.values())
+    by_rank = sorted(k for k, v in ranks.items() if v == low)
+    second = ", last or second to last in {}" if len(rows) > 2 else ""
+    each = [
+        f"{k} (last in {top} of {n_cols} evaluation languages, significantly worse than the "
+        f"best in {sig[k]} of them" + second.format(last2[k]) + ")"
+        for k in worst
     ]
-    return "; ".join(p for p in parts if p) + "."
+    return (
+        f"The worst calibration is {_and(each)}; by mean rank over the languages "
+        f"(1 = best, {len(rows)} = last) the worst is {_and(by_rank)} ({low:.1f})."
+    )
 
 
 def dense_sentence(t, m: Marks) -> str:
@@ -131,4 +139,4 @@ def summary_markdown(tables_with_marks: list[tuple]) -> str:
         f"Tests used: {', '.join(methods) if methods else 'none'}. See docs/eval.md.",
         "",
     ]
-    return "\n".join(head) + "\n".join(table_summary(t, m) for t, m in tables_with_marks)
+    return "\n".join(head + [table_summary(t, m) for t, m in tables_with_marks])
