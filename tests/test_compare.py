@@ -187,3 +187,16 @@ def test_write_tables_writes_the_summary(tmp_path):
     assert "## demo · wanda 0.5 · ppl (ppl, lower is better)" in text
     assert "best or tied with the best in 2 of 2 evaluation languages" in text
     assert "6 of 6 entries (calibration x language) differ significantly" in text
+
+
+def test_equal_values_are_all_last_and_share_their_rank():
+    rows = [{"cell_id": c, "model": "demo", "method": "wanda", "level": "0.5", "mix": mix,
+             "seed": 0, "task": "nextsent", "lang": lang, "metric": "acc", "value": 0.5, "n": 12}
+            for c, mix in (("a", "de"), ("b", "en")) for lang in ("de", "en")]  # fmt: skip
+    (table,) = build_tables(rows, [])
+    assert worst_sentence(table, table.marks) == (
+        "The worst calibration is de (last in 2 of 2 evaluation languages, significantly worse "
+        "than the best in 0 of them) and en (last in 2 of 2 evaluation languages, significantly "
+        "worse than the best in 0 of them); by mean rank over the languages (1 = best, 2 = last) "
+        "the worst is de and en (1.5)."
+    )

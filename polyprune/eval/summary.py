@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+from scipy.stats import rankdata
 
 from polyprune.eval.compare import DENSE, Marks
 
@@ -51,20 +52,28 @@ def target_sentence(t, m: Marks) -> str:
     return text + ")."
 
 
-def _ranks(t) -> dict[str, list[int]]:
-    """Rank (1 = best) of each calibration mix in each column where it has a value."""
+def _badness(t, rows: list[int], j: int) -> np.ndarray:
+    """Column ``j`` of ``rows`` oriented so that larger is worse."""
+    col = t.mean[rows, j]
+    return -col if t.higher_is_better else col
+
+
+def _ranks(t) -> dict[str, list[float]]:
+    """Rank (1 = best; ties share their mean rank) of each calibration mix in each column
+    where it has a value."""
     rows = _calibration_rows(t)
-    out: dict[str, list[int]] = {t.mixes[i]: [] for i in rows}
+    out: dict[str, list[float]] = {t.mixes[i]: [] for i in rows}
     for j in range(len(t.langs)):
         have = [i for i in rows if not np.isnan(t.mean[i, j])]
-        order = sorted(have, key=lambda i: -t.mean[i, j] if t.higher_is_better else t.mean[i, j])
-        for rank, i in enumerate(order, 1):
-            out[t.mixes[i]].append(rank)
+        if have:
+            for i, r in zip(have, rankdata(_badness(t, have, j), "average"), strict=True):
+                out[t.mixes[i]].append(float(r))
     return out
 
 
 def worst_sentence(t, m: Marks) -> str:
-    """Which calibration is worst: most often last, and last or second to last."""
+    """Which calibration is worst: most often last (ties are all last), and last or second
+    to last."""
     rows = _calibration_rows(t)
     if len(rows) < 2:
         return "Only one calibration mix: no worst one."
@@ -75,11 +84,13 @@ def worst_sentence(t, m: Marks) -> str:
         if len(have) < 2:
             continue
         n_cols += 1
-        order = sorted(have, key=lambda i: t.mean[i, j], reverse=not t.higher_is_better)
-        last[t.mixes[order[0]]] += 1  # order[0] is the worst
-        sig[t.mixes[order[0]]] += bool(m.tested[j] and not m.tied[order[0], j])
-        for i in order[:2] if len(have) > 2 else order[:1]:
-            last2[t.mixes[i]] += 1
+        from_worst = rankdata(-_badness(t, have, j), "min")  # 1 = worst, ties share it
+        for i, r in zip(have, from_worst, strict=True):
+            last[t.mixes[i]] += r == 1
+            last2[t.mixes[i]] += r <= 2
+            sig[t.mixes[i]] += bool(r == 1 and m.tested[j] and not m.tied[i, j])
+    if not n_cols:
+        return "No evaluation language has two calibration mixes to compare."
     top = max(last.values())
     worst = sorted(k for k, v in last.items() if v == top)
     ranks = {k: float(np.mean(v)) for k, v in _ranks(t).items() if v}
