@@ -172,14 +172,14 @@ def test_compare_with_best_ties_the_noise_and_separates_the_planted_difference()
     assert got.p_adjusted["sw"] <= 0.05
 
 
-def test_holm_correction_controls_the_family_wise_rate_of_compare_with_best():
-    # Five mixes with no difference: without a correction, "some mix is worse than the best"
-    # would come up far more often than 5% of the time.
+def test_ties_with_the_best_hold_the_family_wise_rate_when_no_mix_differs():
+    # Eight equal mixes: the best is picked from the data, so testing only the comparisons with
+    # it (even Holm-corrected) finds a "significantly worse" mix about 10% of the time.
     rng = np.random.default_rng(7)
     any_rejected = []
-    for _ in range(150):
+    for _ in range(400):
         tokens, shared = windows(rng, 30)
-        samples = {m: Sample(losses(rng, tokens, shared), tokens) for m in "abcde"}
+        samples = {m: Sample(losses(rng, tokens, shared), tokens) for m in "abcdefgh"}
         got = compare_with_best(samples, False, rng, n_boot=300)
-        any_rejected.append(len(got.tied) < 5)
-    assert rate(any_rejected) <= band(0.05, 150)[1], rate(any_rejected)
+        any_rejected.append(len(got.tied) < 8)
+    assert rate(any_rejected) <= band(0.05, 400)[1], rate(any_rejected)

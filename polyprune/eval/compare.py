@@ -4,8 +4,8 @@ For each entry (calibration mix x evaluation language) the seeds' per-unit score
 :class:`~polyprune.eval.significance.Sample`; from these come
 
 * a 95% percentile-bootstrap interval of the entry's value (units, and seeds when several);
-* per column, the best calibration mix (the table's own mark) and every mix whose paired test
-  against it is not significant after Holm's correction over that column's comparisons;
+* per column, the best calibration mix (the table's own mark) and every mix not significantly
+  worse than it (max-T paired bootstrap over all pairs of the column's mixes);
 * per entry, a paired test against the dense model, Holm-corrected over all entries of the
   table (one family per table).
 
@@ -53,7 +53,7 @@ class Marks:
     ci_hi: np.ndarray
     tied: np.ndarray  # bool: not significantly worse than the column's best (best included)
     tested: np.ndarray  # bool (cols,): the column's comparisons with the best were run
-    p_best: np.ndarray  # Holm-adjusted p-value against the column's best; nan if untested
+    p_best: np.ndarray  # max-T adjusted p-value against the column's best; nan if untested
     p_dense: np.ndarray  # Holm-adjusted p-value against the dense model; nan if untested
     methods: set[str] = field(default_factory=set)  # tests used, e.g. {"paired bootstrap"}
     alpha: float = ALPHA
@@ -163,7 +163,7 @@ def table_marks(
             for name, p in res.p_adjusted.items():
                 i = table.mixes.index(name)
                 m.p_best[i, j], m.tied[i, j] = p, name in res.tied
-            m.methods |= {t.method for t in res.tests.values()}
+            m.methods.add(f"{res.method} over all pairs of mixes (ties with the best)")
         if first and 0 in col:
             rng = column_rng(table, j, "dense")
             for i, s in sorted(col.items()):
@@ -171,7 +171,7 @@ def table_marks(
                     t = paired_test(s, col[0], rng, n_boot)
                     dense_p.append(t.p_value)
                     dense_at.append((i, j))
-                    m.methods.add(t.method)
+                    m.methods.add(f"{t.method} with Holm over the table (against dense)")
     for (i, j), p in zip(dense_at, holm(dense_p), strict=True):
         m.p_dense[i, j] = p
     return m

@@ -145,8 +145,8 @@ def summary_markdown(tables_with_marks: list[tuple]) -> str:
         "Generated from the results store by `polyprune matrix CONFIG --tables-only`; every "
         "number below is recomputed from it. *Tied with the best*: not significantly worse "
         "than the best calibration of that evaluation language (paired tests over held-out "
-        "documents or examples, and over seeds where there are several; Holm's correction "
-        "over each language's comparisons with the best; alpha = 0.05). "
+        "documents or examples, and over seeds where there are several; max-T correction "
+        "over all pairs of mixes of the language; alpha = 0.05). "
         f"Tests used: {', '.join(methods) if methods else 'none'}. See docs/eval.md.",
         "",
     ]

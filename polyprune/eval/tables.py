@@ -154,7 +154,7 @@ def _mark(t: Table, best: np.ndarray, i: int, j: int) -> str:
 
 LEGEND = (
     "**bold**: best calibration of the column; *italic*: not significantly worse than it "
-    "(paired test over held-out documents or examples and seeds, Holm-corrected, "
+    "(paired bootstrap over held-out documents or examples and seeds, max-T over all pairs, "
     "alpha = {alpha:g}); [lo, hi]: 95% bootstrap interval."
 )
 
@@ -180,7 +180,7 @@ def _num(x: float) -> str:
 
 
 def to_csv(t: Table) -> str:
-    """Per language: mean, std, seeds, interval, mark (best/tied), Holm-adjusted p-values
+    """Per language: mean, std, seeds, interval, mark (best/tied), adjusted p-values
     against the column's best and against dense (empty where not computed)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
