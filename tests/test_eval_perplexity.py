@@ -198,24 +198,29 @@ def test_no_logit_tensor_larger_than_one_chunk_is_allocated(tokenizer, family):
     assert 0 < seen.largest <= chunk_tokens * VOCAB  # the full logits are 8 x 64 x VOCAB
 
 
-def reference_document_nll(model, stream, seqlen, eos_id):
+def reference_document_nll(model, stream, seqlen, eos_id, bos=None):
     """Per document: (summed NLL, predicted tokens), token by token, from log-softmax by hand;
-    the token at stream position p belongs to the document that p's EOS (or a later) ends."""
+    the token at stream position p belongs to the document that p's EOS (or a later) ends.
+    With ``bos`` each window is BOS + ``seqlen - 1`` stream tokens, all of them predicted."""
     sums: dict[int, list[float]] = {}
     doc = 0
     docs = []
     for tok in stream.tolist():
         docs.append(doc)
         doc += tok == eos_id
-    for start in range(0, len(stream), seqlen):
-        w = stream[start : start + seqlen]
-        if len(w) < 2:
+    text = seqlen - (bos is not None)
+    for start in range(0, len(stream), text):
+        pos = list(range(start, min(start + text, len(stream))))  # stream positions
+        ids = [stream[p].item() for p in pos]
+        if bos is not None:
+            pos, ids = [None] + pos, [bos] + ids
+        if len(ids) < 2:
             continue
         with torch.no_grad():
-            logp = torch.log_softmax(model(w[None]).logits[0].double(), -1)
-        for t in range(len(w) - 1):
-            entry = sums.setdefault(docs[start + t + 1], [0.0, 0])
-            entry[0] -= logp[t, w[t + 1]].item()
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        for t in range(len(ids) - 1):
+            entry = sums.setdefault(docs[pos[t + 1]], [0.0, 0])
+            entry[0] -= logp[t, ids[t + 1]].item()
             entry[1] += 1
     return [tuple(sums[k]) for k in sorted(sums)]
 
@@ -227,13 +232,15 @@ def short_documents(tmp_path):
     return DirectorySource(tmp_path)
 
 
-@pytest.mark.parametrize("chunked", [True, False])
-def test_per_document_nll_and_tokens_equal_a_token_by_token_reference(tokenizer, chunked, tmp_path):
+@pytest.mark.parametrize("chunked, bos", [(True, None), (False, None), (True, 0)])
+def test_per_document_nll_and_tokens_equal_a_token_by_token_reference(
+    tokenizer, chunked, bos, tmp_path
+):
     model = tiny_model("llama").eval()
     stream = heldout_stream(tokenizer, "en", short_documents(tmp_path))
-    got = stream_losses(model, stream, 48, batch_size=3, chunked=chunked,
+    got = stream_losses(model, stream, 48, batch_size=3, chunked=chunked, bos=bos,
                         eos_id=tokenizer.eos_token_id)  # fmt: skip
-    want = reference_document_nll(model, stream, 48, tokenizer.eos_token_id)
+    want = reference_document_nll(model, stream, 48, tokenizer.eos_token_id, bos)
     assert len(want) == 5 and len(stream) > 3 * 48  # documents that straddle windows
     assert list(got.unit_tokens) == [n for _, n in want]
     assert list(got.unit_nll) == pytest.approx([s for s, _ in want], rel=1e-5)
