@@ -183,3 +183,11 @@ def test_ties_with_the_best_hold_the_family_wise_rate_when_no_mix_differs():
         got = compare_with_best(samples, False, rng, n_boot=300)
         any_rejected.append(len(got.tied) < 8)
     assert rate(any_rejected) <= band(0.05, 400)[1], rate(any_rejected)
+
+
+def test_interval_of_a_perplexity_from_few_documents_stays_positive():
+    # Three documents of very different difficulty: the small-sample expansion is wide (2.7x),
+    # and is applied to the mean NLL, so the perplexity interval cannot go below zero.
+    s = Sample([[1.0, 50.0, 80.0]], [10, 10, 10])
+    lo, hi = bootstrap_ci(s, np.random.default_rng(0), 0.95, N_BOOT)
+    assert 0 < lo < s.estimate() < hi

@@ -16,7 +16,7 @@ Methods (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13 an
 * **Confidence interval**: expanded percentile bootstrap (Hesterberg, "What teachers should
   know about the bootstrap", 2015). Each replicate draws the units with replacement (the same
   draw for every seed) and, when there are several seeds, the seeds with replacement; each
-  seed's replicated value is moved away from its observed value by the factor
+  seed's replicated mean NLL (or accuracy) is moved away from its observed one by the factor
   sqrt(n / (n - 1)) t(0.975, n - 1) / z(0.975) for n units, which undoes the plain
   bootstrap's too narrow spread with few units (25 documents: 1.06); the interval is the
   (2.5%, 97.5%) quantiles of the replicated statistic. The same expanded replicates serve
@@ -143,8 +143,9 @@ def expansion(n_units: int) -> float:
 def _replicates(s: Sample, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The statistic of ``s`` under each row of unit ``counts``, seeds resampled too."""
     ratio = (s.values @ counts.T) / (counts @ s.weights)  # (seeds, n)
-    observed = s.per_seed()[:, None]
-    per_seed = observed + expansion(s.units) * (TRANSFORMS[s.transform](ratio) - observed)
+    # expanded on the scale of the mean NLL, so that a perplexity stays positive
+    observed = (s.values.sum(1) / s.weights.sum())[:, None]
+    per_seed = TRANSFORMS[s.transform](observed + expansion(s.units) * (ratio - observed))
     mean = per_seed.mean(0)
     if s.seeds == 1:
         return mean
