@@ -355,13 +355,14 @@ def _cmd_matrix(args) -> int:
     if not cfg.store_path.is_file():
         raise InputError(f"no results store at {cfg.store_path}; run the matrix first")
     with ResultStore(cfg.store_path) as store:
-        written = write_tables(store.results(), cfg.tables_dir)
+        written = write_tables(store.results(), cfg.tables_dir, units=store.units())
         missing = {
             (u["task"], u["lang"], u["reason"]) for c in store.cells() for u in c["unavailable"]
         }
     for task, lang, why in sorted(missing):
         print(f"unavailable {task}/{lang}: {why}")
     print(f"tables      {cfg.tables_dir} ({len(written)} files)")
+    print(f"summary     {cfg.tables_dir / 'summary.md'}")
     print(f"store       {cfg.store_path}")
     return 1 if not args.tables_only and report.failed else 0
 

@@ -8,7 +8,13 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from polyprune.data.sources import DirectorySource
-from polyprune.eval.perplexity import heldout_stream, perplexity, split_head, stream_perplexity
+from polyprune.eval.perplexity import (
+    heldout_stream,
+    perplexity,
+    split_head,
+    stream_losses,
+    stream_perplexity,
+)
 
 from .conftest import VOCAB, tiny_model
 
@@ -190,3 +196,69 @@ def test_no_logit_tensor_larger_than_one_chunk_is_allocated(tokenizer, family):
             model, stream, 64, batch_size=8, logit_chunk_bytes=chunk_tokens * 4 * VOCAB
         )
     assert 0 < seen.largest <= chunk_tokens * VOCAB  # the full logits are 8 x 64 x VOCAB
+
+
+def reference_document_nll(model, stream, seqlen, eos_id, bos=None):
+    """Per document: (summed NLL, predicted tokens), token by token, from log-softmax by hand;
+    the token at stream position p belongs to the document that p's EOS (or a later) ends.
+    With ``bos`` each window is BOS + ``seqlen - 1`` stream tokens, all of them predicted."""
+    sums: dict[int, list[float]] = {}
+    doc = 0
+    docs = []
+    for tok in stream.tolist():
+        docs.append(doc)
+        doc += tok == eos_id
+    text = seqlen - (bos is not None)
+    for start in range(0, len(stream), text):
+        pos = list(range(start, min(start + text, len(stream))))  # stream positions
+        ids = [stream[p].item() for p in pos]
+        if bos is not None:
+            pos, ids = [None] + pos, [bos] + ids
+        if len(ids) < 2:
+            continue
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        for t in range(len(ids) - 1):
+            entry = sums.setdefault(docs[pos[t + 1]], [0.0, 0])
+            entry[0] -= logp[t, ids[t + 1]].item()
+            entry[1] += 1
+    return [tuple(sums[k]) for k in sorted(sums)]
+
+
+def short_documents(tmp_path):
+    """A directory source whose held-out documents (every 10th) are 5 short paragraphs."""
+    paragraphs = [f"Paragraph {i}: " + "word " * (3 + 7 * (i % 4)) for i in range(50)]
+    (tmp_path / "en.txt").write_text("\n\n".join(paragraphs))
+    return DirectorySource(tmp_path)
+
+
+@pytest.mark.parametrize("chunked, bos", [(True, None), (False, None), (True, 0)])
+def test_per_document_nll_and_tokens_equal_a_token_by_token_reference(
+    tokenizer, chunked, bos, tmp_path
+):
+    model = tiny_model("llama").eval()
+    stream = heldout_stream(tokenizer, "en", short_documents(tmp_path))
+    got = stream_losses(model, stream, 48, batch_size=3, chunked=chunked, bos=bos,
+                        eos_id=tokenizer.eos_token_id)  # fmt: skip
+    want = reference_document_nll(model, stream, 48, tokenizer.eos_token_id, bos)
+    assert len(want) == 5 and len(stream) > 3 * 48  # documents that straddle windows
+    assert list(got.unit_tokens) == [n for _, n in want]
+    assert list(got.unit_nll) == pytest.approx([s for s, _ in want], rel=1e-5)
+    assert sum(got.unit_tokens) == got.tokens and sum(got.unit_nll) == pytest.approx(got.nll)
+
+
+def test_without_eos_each_window_is_a_unit(tokenizer):
+    model = tiny_model("llama").eval()
+    stream = heldout_stream(tokenizer, "de", max_tokens=100)
+    got = stream_losses(model, stream, 32, eos_id=None)
+    assert got.unit_tokens == (31, 31, 31, 3)
+    assert math.exp(sum(got.unit_nll) / sum(got.unit_tokens)) == pytest.approx(got.ppl)
+
+
+def test_perplexity_results_carry_their_documents(tokenizer, tmp_path):
+    model = tiny_model("llama").eval()
+    res = perplexity(model, tokenizer, ["en"], short_documents(tmp_path), seqlen=64,
+                     progress=False)["en"]  # fmt: skip
+    assert len(res.unit_nll) == len(res.unit_tokens) == 5
+    assert sum(res.unit_tokens) == res.tokens
+    assert math.exp(sum(res.unit_nll) / res.tokens) == pytest.approx(res.ppl)

@@ -24,9 +24,10 @@ def demo():
     return loaded.model, loaded.tokenizer
 
 
-def reference_scores(model, tok, items):
+def reference_scores(model, tok, items, per_item=False):
     """acc and acc_norm from log-likelihoods computed here: the choice continuing the context
-    is scored token by token, as lm-eval's loglikelihood requests do."""
+    is scored token by token, as lm-eval's loglikelihood requests do. ``per_item``: the 0/1
+    lists instead of their means."""
     acc, acc_norm = [], []
     for it in items:
         ctx = tok(it.context, add_special_tokens=False)["input_ids"]
@@ -41,6 +42,8 @@ def reference_scores(model, tok, items):
         lens = [len(c.encode()) for c in it.choices]
         acc.append(int(np.argmax(lls)) == it.label)
         acc_norm.append(int(np.argmax(np.array(lls) / lens)) == it.label)
+    if per_item:
+        return [float(a) for a in acc], [float(a) for a in acc_norm]
     return float(np.mean(acc)), float(np.mean(acc_norm))
 
 
@@ -53,6 +56,19 @@ def test_nextsent_runs_through_lm_eval_and_matches_a_direct_computation(demo):
     acc, acc_norm = reference_scores(model, tok, nextsent_items("de")[:LIMIT])
     assert scores["acc"].value == pytest.approx(acc)
     assert scores["acc_norm"].value == pytest.approx(acc_norm)
+
+
+def test_per_example_correctness_is_kept_and_averages_to_the_task_score(demo):
+    model, tok = demo
+    res = run_tasks(model, tok, ["nextsent"], ["en"], HarnessConfig(limit=LIMIT))
+    acc, acc_norm = reference_scores(model, tok, nextsent_items("en")[:LIMIT], per_item=True)
+    per_doc = res.per_sample[("nextsent", "en", "acc")]
+    assert sorted(per_doc) == list(range(LIMIT))
+    assert [per_doc[i] for i in range(LIMIT)] == acc
+    norm = res.per_sample[("nextsent", "en", "acc_norm")]
+    assert [norm[i] for i in range(LIMIT)] == acc_norm
+    scores = {s.metric: s.value for s in res.scores}
+    assert np.mean(list(per_doc.values())) == pytest.approx(scores["acc"])
 
 
 def test_a_task_without_data_is_unavailable_and_the_rest_still_runs(demo, caplog):

@@ -154,6 +154,39 @@ def test_stored_perplexities_equal_a_direct_evaluation(local_run):
     assert direct > rows[("demo", "dense", "dense", "-", None, "ppl", "de", "ppl")]
 
 
+def test_the_store_keeps_per_document_and_per_example_scores(local_run):
+    _, cfg, _ = local_run
+    with ResultStore(cfg.store_path) as store:
+        rows, units = store.results(), store.units()
+    by_key: dict = {}
+    for u in units:
+        by_key.setdefault((u["cell_id"], u["task"], u["lang"], u["metric"]), []).append(u)
+    for r in rows:
+        got = by_key[(r["cell_id"], r["task"], r["lang"], r["metric"])]
+        if r["task"] == "ppl":  # exp(sum of document NLL / sum of their tokens) is the ppl
+            nll, tokens = sum(u["value"] for u in got), sum(u["weight"] for u in got)
+            assert tokens == r["n"] and len(got) >= 2
+            assert math.exp(nll / tokens) == pytest.approx(r["value"], rel=1e-9)
+        elif r["metric"] in ("acc", "acc_norm"):  # one 0/1 score per example
+            assert len(got) == cfg.eval.limit
+            assert sum(u["value"] for u in got) / len(got) == pytest.approx(r["value"])
+
+
+def test_tables_only_regenerates_the_same_summary_and_tables(local_run, capsys):
+    path, cfg, _ = local_run
+    summary = cfg.tables_dir / "summary.md"
+    first = {p.name: p.read_bytes() for p in cfg.tables_dir.iterdir() if p.suffix != ".png"}
+    assert cli("matrix", path, "--tables-only", "-q") == 0
+    assert f"summary     {summary}" in capsys.readouterr().out
+    again = {p.name: p.read_bytes() for p in cfg.tables_dir.iterdir() if p.suffix != ".png"}
+    assert again == first
+    text = summary.read_text()
+    assert "## demo · wanda 0.5 · ppl (ppl, lower is better)" in text
+    assert "Calibrating on the target language is best or tied with the best in " in text
+    assert "differ significantly from the dense model" in text
+    assert "[" in (cfg.tables_dir / "demo__wanda-0.5__ppl-ppl.md").read_text()  # intervals
+
+
 def test_a_second_run_does_no_work(local_run, capsys):
     path, cfg, first_seconds = local_run
     before = rows_by_key(cfg.store_path)
@@ -195,9 +228,10 @@ def test_a_run_killed_after_its_first_cell_resumes_without_duplicates(tmp_path):
     with ResultStore(cfg.store_path) as store:
         finished = store.done_cells()
         rows = store.results()
+        unit_cells = {u["cell_id"] for u in store.units()}
     assert 1 <= len(finished) < CELLS
-    # Only whole cells are in the store: the cell that was running left no rows.
-    assert {r["cell_id"] for r in rows} == finished
+    # Only whole cells are in the store: the cell that was running left no rows, no units.
+    assert {r["cell_id"] for r in rows} == finished == unit_cells
     assert len(rows) == len(finished) * ROWS_PER_CELL
 
     assert cli("matrix", path, "-q") == 0

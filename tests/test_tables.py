@@ -63,9 +63,11 @@ def test_accuracy_tables_mark_the_highest(rows):
 
 def test_csv_holds_mean_std_and_seed_count(rows):
     lines = to_csv(build_tables(rows)[0]).splitlines()
-    assert lines[0] == "calibration,de,de_std,de_n,en,en_std,en_n"
-    assert lines[2] == f"de,12.0,{math.sqrt(2)!r},2,31.0,{math.sqrt(2)!r},2"
-    assert lines[4] == '"de,en",12.5,0.0,1,,,0'
+    fields = ["", "_std", "_n", "_ci_lo", "_ci_hi", "_mark", "_p_best", "_p_dense"]
+    assert lines[0] == "calibration," + ",".join(f"{x}{f}" for x in ("de", "en") for f in fields)
+    # no per-unit scores in this store: no interval, no p-values; the best is still marked
+    assert lines[2] == f"de,12.0,{math.sqrt(2)!r},2,,,best,,,31.0,{math.sqrt(2)!r},2,,,,,"
+    assert lines[4] == '"de,en",12.5,0.0,1,,,,,,,,0,,,,,'
 
 
 def test_colours_are_normalised_per_column_over_the_calibration_rows(rows):
@@ -80,7 +82,8 @@ def test_write_tables_gives_csv_markdown_and_a_real_png(rows, tmp_path):
     written = write_tables(rows, tmp_path / "tables")
     names = sorted(p.name for p in written)
     stem = "demo__wanda-0.5__ppl-ppl"
-    assert names == sorted([f"{stem}.csv", f"{stem}.md", f"{stem}.png", "tables.md"])
+    want = [f"{stem}.csv", f"{stem}.md", f"{stem}.png", "tables.md", "summary.md"]
+    assert names == sorted(want)
     png = tmp_path / "tables" / f"{stem}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(png) as im:

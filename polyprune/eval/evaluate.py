@@ -17,9 +17,17 @@ import torch
 
 from polyprune.compress.export import check_output_file, write_file_atomic
 from polyprune.errors import InputError
-from polyprune.eval.store import ResultRow
+from polyprune.eval.store import ResultRow, UnitScores
 
-__all__ = ["EvalSettings", "PplSettings", "evaluate", "evaluate_model", "write_json"]
+__all__ = [
+    "EvalOutcome",
+    "EvalSettings",
+    "PplSettings",
+    "evaluate",
+    "evaluate_cell",
+    "evaluate_model",
+    "write_json",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +78,28 @@ class EvalSettings:
             raise InputError(f"batch size must be >= 1, got {self.batch_size}")
 
 
+@dataclass
+class EvalOutcome:
+    """Rows, unavailable tasks, and the per-unit scores behind the rows."""
+
+    rows: list[ResultRow]
+    unavailable: list[dict]
+    units: list[UnitScores]
+
+
 def evaluate_model(
     model, tokenizer, ev: EvalSettings, device: str = "cpu", progress: bool = False
 ) -> tuple[list[ResultRow], list[dict]]:
     """(rows, unavailable) of a model on every task x language of ``ev``."""
+    out = evaluate_cell(model, tokenizer, ev, device, progress)
+    return out.rows, out.unavailable
+
+
+def evaluate_cell(
+    model, tokenizer, ev: EvalSettings, device: str = "cpu", progress: bool = False
+) -> EvalOutcome:
+    """A model on every task x language of ``ev``, with per-unit scores: held-out documents'
+    summed NLL and tokens for perplexity, lm-eval's per-example scores for its tasks."""
     from polyprune.eval.harness import HarnessConfig, run_tasks
     from polyprune.eval.perplexity import perplexity
 
@@ -82,10 +108,14 @@ def evaluate_model(
     if next(model.parameters()).device != torch.device(device):
         model.to(device)
     rows: list[ResultRow] = []
+    units: list[UnitScores] = []
     if "ppl" in ev.tasks:
         ppl = perplexity(model, tokenizer, list(ev.langs), ev.ppl.source, ev.ppl.seqlen,
                          ev.batch_size, device, ev.ppl.max_tokens, progress)  # fmt: skip
         rows += [ResultRow("ppl", r.lang, "ppl", r.ppl, r.tokens) for r in ppl.values()]
+        units += [UnitScores("ppl", r.lang, "ppl", tuple(range(len(r.unit_nll))), r.unit_nll,
+                             tuple(float(t) for t in r.unit_tokens))
+                  for r in ppl.values() if r.unit_nll]  # fmt: skip
     families = [t for t in ev.tasks if t != "ppl"]
     unavailable: list[dict] = []
     if families:
@@ -94,7 +124,11 @@ def evaluate_model(
         res = run_tasks(model, tokenizer, families, list(ev.langs), hc)
         rows += [ResultRow(s.task, s.lang, s.metric, s.value, s.n) for s in res.scores]
         unavailable = [asdict(u) for u in res.unavailable]
-    return rows, unavailable
+        for (family, lang, metric), per_doc in sorted(res.per_sample.items()):
+            ids = tuple(sorted(per_doc))
+            units.append(UnitScores(family, lang, metric, ids, tuple(per_doc[i] for i in ids),
+                                    (1.0,) * len(ids)))  # fmt: skip
+    return EvalOutcome(rows, unavailable, units)
 
 
 def evaluate(

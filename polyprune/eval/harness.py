@@ -31,6 +31,7 @@ __all__ = [
     "HarnessResult",
     "TaskScore",
     "Unavailable",
+    "per_sample_scores",
     "run_tasks",
     "task_name",
 ]
@@ -117,6 +118,8 @@ class Unavailable:
 class HarnessResult:
     scores: list[TaskScore] = field(default_factory=list)
     unavailable: list[Unavailable] = field(default_factory=list)
+    # (family, lang, metric) -> {doc_id: value}: lm-eval's per-example scores, for paired tests
+    per_sample: dict[tuple[str, str, str], dict[int, float]] = field(default_factory=dict)
 
 
 def _reason(e: BaseException) -> str:
@@ -235,7 +238,7 @@ def run_tasks(
             num_fewshot=cfg.num_fewshot,
             limit=cfg.limit,
             task_manager=tm,
-            log_samples=False,
+            log_samples=True,  # per-example scores: paired tests between calibration mixes
             bootstrap_iters=0,
             random_seed=cfg.seed,
             numpy_random_seed=cfg.seed,
@@ -254,4 +257,18 @@ def run_tasks(
                 continue
             result.scores.append(TaskScore(family, lang, metric, float(value), n, name))
             logger.info("%s %s: %s %.4f (n=%d)", family, lang, metric, value, n)
+        for metric, per_doc in per_sample_scores(out.get("samples", {}).get(name, [])).items():
+            result.per_sample[(family, lang, metric)] = per_doc
     return result
+
+
+def per_sample_scores(samples: list[dict]) -> dict[str, dict[int, float]]:
+    """metric -> {doc_id: value} from lm-eval's logged samples (numeric metrics only; of
+    several filters, the first logged one per document)."""
+    out: dict[str, dict[int, float]] = {}
+    for s in samples:
+        for metric in s.get("metrics", []):
+            value = s.get(metric)
+            if isinstance(value, bool | int | float):
+                out.setdefault(metric, {}).setdefault(int(s["doc_id"]), float(value))
+    return out

@@ -54,8 +54,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from polyprune.errors import InputError, shorten
-from polyprune.eval.evaluate import EvalSettings, PplSettings, evaluate_model
-from polyprune.eval.store import ResultRow, ResultStore
+from polyprune.eval.evaluate import EvalSettings, PplSettings, evaluate_cell
+from polyprune.eval.store import ResultRow, ResultStore, UnitScores
 
 __all__ = [
     "PRUNE_METHODS",
@@ -379,6 +379,7 @@ class CellResult:
     seconds: float
     unavailable: list[dict] = field(default_factory=list)
     reused: bool = False
+    units: list[UnitScores] = field(default_factory=list)  # per-document / per-example scores
 
 
 def _manifest_matches(out: Path, cell: Cell) -> bool:
@@ -479,10 +480,12 @@ def run_cell(cell: Cell, progress: bool = False) -> CellResult:
     t0 = time.perf_counter()
     model, reused = _compressed_model(cell, progress)
     tokenizer = load_tokenizer(cell.model)
-    rows, unavailable = evaluate_model(model, tokenizer, cell.cfg.eval, cell.cfg.device, progress)
+    out = evaluate_cell(model, tokenizer, cell.cfg.eval, cell.cfg.device, progress)
+    rows = out.rows
     if cell.cfg.analyses and cell.method != "dense":
         rows += analyse(model, tokenizer, cell)
-    return CellResult(cell.cell_id, rows, time.perf_counter() - t0, unavailable, reused)
+    return CellResult(cell.cell_id, rows, time.perf_counter() - t0, out.unavailable, reused,
+                      out.units)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- executors
@@ -498,7 +501,7 @@ class MatrixReport:
 
 def _store_result(store: ResultStore, cell: Cell, result: CellResult, report: MatrixReport):
     store.write_cell(cell.cell_id, cell.label, cell.config(), cell.keys(), result.rows,
-                     result.seconds, result.unavailable)  # fmt: skip
+                     result.seconds, result.unavailable, result.units)  # fmt: skip
     report.ran.append(cell)
     logger.info("%s: %d rows in %.1f s", cell.label, len(result.rows), result.seconds)
 

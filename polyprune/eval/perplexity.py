@@ -6,6 +6,11 @@ the tokenizer adds one, see ``polyprune.data.windows``), and
 PPL = exp(mean token NLL) over every predicted token (each window predicts all its tokens but
 the first). Held-out text is never used for calibration (see ``polyprune.data.sources``).
 
+Besides the perplexity, each language gives its *units* for intervals and paired tests
+(``polyprune.eval.significance``): per held-out document (the tokens up to and including its
+EOS), the summed NLL of its predicted tokens and their number. A document cut by a window
+boundary is one unit; without an EOS token, each window is a unit.
+
 The (batch, seqlen, vocab) logit tensor is never built (2 GiB for 4 x 512 tokens of a 262k
 vocabulary): the model's base module gives the final hidden states, and the output head turns
 them into logits one tile of (tokens, vocabulary rows) at a time (at most ``LOGIT_CHUNK_BYTES``
@@ -34,9 +39,12 @@ __all__ = [
     "LOGIT_CHUNK_BYTES",
     "LogitHead",
     "PerplexityResult",
+    "StreamLosses",
+    "document_ids",
     "heldout_stream",
     "perplexity",
     "split_head",
+    "stream_losses",
     "stream_perplexity",
 ]
 
@@ -55,6 +63,23 @@ class PerplexityResult:
     ppl: float
     tokens: int  # predicted tokens
     windows: int
+    unit_nll: tuple[float, ...] = ()  # summed NLL per held-out document (unit)
+    unit_tokens: tuple[int, ...] = ()  # predicted tokens per unit
+
+
+@dataclass(frozen=True)
+class StreamLosses:
+    """Losses of a model on a token stream: totals and per unit (document or window)."""
+
+    nll: float  # summed NLL of every predicted token
+    tokens: int
+    windows: int
+    unit_nll: tuple[float, ...]
+    unit_tokens: tuple[int, ...]
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.tokens)
 
 
 def heldout_stream(
@@ -179,8 +204,8 @@ def _tiles(n: int, vocab: int, chunk_bytes: int, blockable: bool) -> tuple[int, 
     return tokens, max(1, min(vocab, elems // tokens))
 
 
-def _tile_nll(spec: LogitHead, h: torch.Tensor, y: torch.Tensor, rows: int) -> float:
-    """Summed NLL of targets ``y`` from hidden states ``h``: log-sum-exp accumulated online
+def _tile_nll(spec: LogitHead, h: torch.Tensor, y: torch.Tensor, rows: int) -> torch.Tensor:
+    """NLL of each target of ``y`` from hidden states ``h``: log-sum-exp accumulated online
     over blocks of ``rows`` vocabulary rows, in fp32.
 
     Within 1e-8 nats a token of a float64 log-sum-exp on 262k random logits, where fp32
@@ -198,42 +223,45 @@ def _tile_nll(spec: LogitHead, h: torch.Tensor, y: torch.Tensor, rows: int) -> f
         new_top = torch.maximum(top, z.amax(dim=-1))
         total = total * torch.exp(top - new_top) + z.sub_(new_top[:, None]).exp_().sum(dim=-1)
         top = new_top
-    return (top + total.log() - target).sum(dtype=torch.float64).item()
+    return top + total.log() - target
 
 
-def _chunked_nll(spec: LogitHead, x: torch.Tensor, chunk_bytes: int) -> float:
-    """Summed NLL of predicting ``x[:, 1:]``, through the head one tile of logits at a time."""
+def _chunked_nll(spec: LogitHead, x: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
+    """NLL of each prediction of ``x[:, 1:]`` (flattened), through the head one tile of logits
+    at a time."""
     h = spec.hidden(x)[:, :-1]
     h = h.reshape(-1, h.shape[-1])  # (B * (T - 1), hidden): small beside the logits
     y = x[:, 1:].reshape(-1)
     tokens, rows = _tiles(len(y), spec.vocab, chunk_bytes, spec.blockable)
-    return sum(
-        _tile_nll(spec, h[i : i + tokens], y[i : i + tokens], rows)
-        for i in range(0, len(y), tokens)
+    return torch.cat(
+        [
+            _tile_nll(spec, h[i : i + tokens], y[i : i + tokens], rows)
+            for i in range(0, len(y), tokens)
+        ]
     )
 
 
-def _full_nll(model, x: torch.Tensor) -> float:
-    """Summed NLL from the model's own forward: the whole (B, T, vocab) logit tensor."""
+def _full_nll(model, x: torch.Tensor) -> torch.Tensor:
+    """NLL of each prediction of ``x[:, 1:]`` (flattened) from the model's own forward: the
+    whole (B, T, vocab) logit tensor."""
     logits = model(x, use_cache=False).logits.float()
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-    ).item()
+        logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
+    )
 
 
-@torch.inference_mode()
-def stream_perplexity(
-    model, stream: torch.Tensor, seqlen: int, batch_size: int = 8, device: str = "cpu",
-    progress: bool = False, desc: str = "ppl", chunked: bool = True,
-    logit_chunk_bytes: int = LOGIT_CHUNK_BYTES, bos: int | None = None,
-) -> tuple[float, int, int]:  # fmt: skip
-    """(ppl, predicted tokens, windows) of ``model`` on a 1-D token stream.
+def document_ids(stream: torch.Tensor, eos_id: int | None, per_window: int) -> torch.Tensor:
+    """The unit of each stream position: its document (an EOS ends the document it closes),
+    or without ``eos_id`` its window (of ``per_window`` stream tokens)."""
+    if eos_id is None:
+        return torch.arange(len(stream)) // per_window
+    is_eos = (stream == eos_id).long()
+    return torch.cumsum(is_eos, 0) - is_eos
 
-    With ``bos`` (``data.windows.window_bos``) each window is BOS + ``seqlen - 1`` stream
-    tokens, all of them predicted. ``chunked=False`` computes the loss from the model's full
-    logits (the reference, slower and (batch x seqlen x vocab) large); otherwise at most
-    ``logit_chunk_bytes`` of logits at once.
-    """
+
+def _cut(stream: torch.Tensor, seqlen: int, batch_size: int, bos: int | None) -> list[torch.Tensor]:
+    """Consecutive ``seqlen`` windows (BOS + ``seqlen - 1`` stream tokens with ``bos``) in
+    batches, the shorter tail (>= 2 tokens with its BOS) last alone."""
     from polyprune.data.windows import cut_windows
 
     full = cut_windows(stream, seqlen, bos)  # (n_full, seqlen)
@@ -244,21 +272,66 @@ def stream_perplexity(
     batches = [full[i : i + batch_size] for i in range(0, n_full, batch_size)]
     if len(tail) >= 2:
         batches.append(tail.unsqueeze(0))
+    return batches
+
+
+@torch.inference_mode()
+def stream_losses(
+    model, stream: torch.Tensor, seqlen: int, batch_size: int = 8, device: str = "cpu",
+    progress: bool = False, desc: str = "ppl", chunked: bool = True,
+    logit_chunk_bytes: int = LOGIT_CHUNK_BYTES, bos: int | None = None,
+    eos_id: int | None = None,
+) -> StreamLosses:  # fmt: skip
+    """Summed NLL and predicted tokens of ``model`` on a 1-D token stream, in total and per
+    unit: per document where ``eos_id`` separates them, else per window.
+
+    With ``bos`` (``data.windows.window_bos``) each window is BOS + ``seqlen - 1`` stream
+    tokens, all of them predicted. ``chunked=False`` computes the loss from the model's full
+    logits (the reference, slower and (batch x seqlen x vocab) large); otherwise at most
+    ``logit_chunk_bytes`` of logits at once.
+    """
+    batches = _cut(stream, seqlen, batch_size, bos)
     if not batches:
         raise InputError(f"only {len(stream)} held-out tokens: too few for a perplexity")
+    # The units are cut exactly as the tokens are; a window's first position (BOS, or the
+    # first stream token without BOS) is never a target, so the id BOS gets there is unused.
+    ids = document_ids(stream, eos_id, seqlen - (bos is not None))
+    units = _cut(ids, seqlen, batch_size, None if bos is None else 0)
+    n_units = int(units[-1].max()) + 1
+    unit_nll = torch.zeros(n_units, dtype=torch.float64)
+    unit_tokens = torch.zeros(n_units, dtype=torch.int64)
     was_training = model.training
     model.eval()
     spec = split_head(model, batches[0][0].to(device)) if chunked else None
-    nll, count = 0.0, 0
-    for x in tqdm(batches, desc=desc, disable=not progress, leave=False):
+    for x, u in tqdm(list(zip(batches, units, strict=True)), desc=desc, disable=not progress,
+                     leave=False):  # fmt: skip
         x = x.to(device)
-        if spec is None:
-            nll += _full_nll(model, x)
-        else:
-            nll += _chunked_nll(spec, x, logit_chunk_bytes)
-        count += x[:, 1:].numel()
+        nll = _full_nll(model, x) if spec is None else _chunked_nll(spec, x, logit_chunk_bytes)
+        u = u[:, 1:].reshape(-1)  # each window predicts all its tokens but the first
+        unit_nll += torch.bincount(u, nll.double().cpu(), minlength=n_units)
+        unit_tokens += torch.bincount(u, minlength=n_units)
     model.train(was_training)
-    return math.exp(nll / count), count, n_full + (len(tail) >= 2)
+    keep = unit_tokens > 0  # a one-token document that starts a window predicts nothing
+    return StreamLosses(
+        float(unit_nll.sum()), int(unit_tokens.sum()), _n_windows(batches),
+        tuple(unit_nll[keep].tolist()), tuple(unit_tokens[keep].tolist()),
+    )  # fmt: skip
+
+
+def _n_windows(batches: list[torch.Tensor]) -> int:
+    return sum(len(b) for b in batches)
+
+
+def stream_perplexity(
+    model, stream: torch.Tensor, seqlen: int, batch_size: int = 8, device: str = "cpu",
+    progress: bool = False, desc: str = "ppl", chunked: bool = True,
+    logit_chunk_bytes: int = LOGIT_CHUNK_BYTES, bos: int | None = None,
+) -> tuple[float, int, int]:  # fmt: skip
+    """(ppl, predicted tokens, windows) of ``model`` on a 1-D token stream
+    (:func:`stream_losses` has the per-unit sums too; ``bos`` as there)."""
+    out = stream_losses(model, stream, seqlen, batch_size, device, progress, desc, chunked,
+                        logit_chunk_bytes, bos)  # fmt: skip
+    return out.ppl, out.tokens, out.windows
 
 
 def perplexity(
@@ -273,20 +346,22 @@ def perplexity(
     progress: bool = True,
 ) -> dict[str, PerplexityResult]:
     """Held-out perplexity of ``model`` for each language of ``langs``."""
+    from polyprune.data.windows import window_bos
+
     limit = max_positions(model.config)
     seqlen = seqlen or min(limit or 2048, 2048)
     if limit is not None and seqlen > limit:
         raise InputError(f"seqlen {seqlen} is above the model's maximum positions ({limit})")
-    from polyprune.data.windows import window_bos
-
     src = get_source(source)
     bos = window_bos(tokenizer)
     out = {}
     for lang in langs:
         stream = heldout_stream(tokenizer, lang, src, max_tokens)
-        ppl, tokens, windows = stream_perplexity(
-            model, stream, seqlen, batch_size, device, progress, desc=f"ppl {lang}", bos=bos
-        )
-        out[lang] = PerplexityResult(lang, ppl, tokens, windows)
-        logger.info("%s: perplexity %.2f over %d tokens", lang, ppl, tokens)
+        res = stream_losses(model, stream, seqlen, batch_size, device, progress,
+                            desc=f"ppl {lang}", bos=bos,
+                            eos_id=tokenizer.eos_token_id)  # fmt: skip
+        out[lang] = PerplexityResult(lang, res.ppl, res.tokens, res.windows, res.unit_nll,
+                                     res.unit_tokens)  # fmt: skip
+        logger.info("%s: perplexity %.2f over %d tokens (%d documents)", lang, res.ppl,
+                    res.tokens, len(res.unit_nll))  # fmt: skip
     return out

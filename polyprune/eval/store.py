@@ -1,11 +1,14 @@
 """The results store of an evaluation matrix: one SQLite file.
 
-Two tables. ``cells`` has one row per *finished* cell (its id, full config as JSON, wall time,
-tasks that were unavailable). ``results`` has one row per cell x task x language x metric,
-with the cell's identifying settings in columns (for SQL and tables) and its full config as
-JSON. A cell's rows and its ``cells`` row are written in one transaction, so a cell killed
-midway leaves nothing behind and counts as not done; the primary key (cell, task, language,
-metric) makes a duplicate row impossible. Only the matrix driver writes.
+Three tables. ``cells`` has one row per *finished* cell (its id, full config as JSON, wall
+time, tasks that were unavailable). ``results`` has one row per cell x task x language x
+metric, with the cell's identifying settings in columns (for SQL and tables) and its full
+config as JSON. ``units`` has the per-unit scores behind a result, for intervals and paired
+tests: one row per held-out document (perplexity: summed NLL and predicted tokens) or lm-eval
+example (its score, weight 1). A cell's rows of all three tables are written in one
+transaction, so a cell killed midway leaves nothing behind and counts as not done; the primary
+keys make a duplicate row impossible. Only the matrix driver writes. A store made before the
+``units`` table existed gets it, empty, when opened: its cells simply have no units.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from polyprune.errors import InputError
 
-__all__ = ["ResultRow", "ResultStore"]
+__all__ = ["ResultRow", "ResultStore", "UnitScores"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +51,21 @@ CREATE TABLE IF NOT EXISTS results (
     config   TEXT NOT NULL,
     PRIMARY KEY (cell_id, task, lang, metric)
 );
+CREATE TABLE IF NOT EXISTS units (
+    cell_id  TEXT NOT NULL REFERENCES cells(cell_id),
+    task     TEXT NOT NULL,
+    lang     TEXT NOT NULL,
+    metric   TEXT NOT NULL,
+    unit     INTEGER NOT NULL,
+    value    REAL NOT NULL,
+    weight   REAL NOT NULL,
+    PRIMARY KEY (cell_id, task, lang, metric, unit)
+) WITHOUT ROWID;
 """
 _CELL_COLUMNS = ("cell_id", "label", "config", "seconds", "unavailable", "finished_at")
 RESULT_COLUMNS = ("cell_id", "model", "method", "level", "mix", "seed", "task", "lang",
                   "metric", "value", "n", "config")  # fmt: skip
+UNIT_COLUMNS = ("cell_id", "task", "lang", "metric", "unit", "value", "weight")
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,23 @@ class ResultRow:
     metric: str
     value: float
     n: int | None = None
+
+
+@dataclass(frozen=True)
+class UnitScores:
+    """Per-unit scores of one cell's task x language x metric: ``values[k]`` with weight
+    ``weights[k]`` for unit ``ids[k]`` (a held-out document, or an lm-eval ``doc_id``)."""
+
+    task: str
+    lang: str
+    metric: str
+    ids: tuple[int, ...]
+    values: tuple[float, ...]
+    weights: tuple[float, ...]
+
+    def rows(self, cell_id: str) -> list[tuple]:
+        return [(cell_id, self.task, self.lang, self.metric, int(i), float(v), float(w))
+                for i, v, w in zip(self.ids, self.values, self.weights, strict=True)]  # fmt: skip
 
 
 class ResultStore:
@@ -97,7 +128,8 @@ class ResultStore:
         }
         if tables and not {"cells", "results"} <= tables:
             raise InputError(f"a SQLite file of other tables ({', '.join(sorted(tables)[:3])})")
-        for table, want in (("cells", _CELL_COLUMNS), ("results", RESULT_COLUMNS)):
+        pairs = (("cells", _CELL_COLUMNS), ("results", RESULT_COLUMNS), ("units", UNIT_COLUMNS))
+        for table, want in pairs:
             have = tuple(r[1] for r in self.conn.execute(f"PRAGMA table_info({table})"))
             if have and have != want:
                 raise InputError(f"a SQLite file whose {table} table is not this store's")
@@ -123,9 +155,10 @@ class ResultStore:
         rows: list[ResultRow],
         seconds: float | None = None,
         unavailable: list | None = None,
+        units: list[UnitScores] | None = None,
     ) -> None:
-        """All rows of a finished cell in one transaction. ``keys``: the identifying columns
-        (model, method, level, mix, seed)."""
+        """All rows of a finished cell, and its per-unit scores, in one transaction.
+        ``keys``: the identifying columns (model, method, level, mix, seed)."""
         config_json = json.dumps(config, sort_keys=True)
         values = [
             (cell_id, keys["model"], keys["method"], keys["level"], keys["mix"], keys["seed"],
@@ -141,6 +174,10 @@ class ResultStore:
             self.conn.executemany(
                 f"INSERT INTO results VALUES ({', '.join('?' * len(RESULT_COLUMNS))})", values
             )
+            self.conn.executemany(
+                f"INSERT INTO units VALUES ({', '.join('?' * len(UNIT_COLUMNS))})",
+                [row for u in units or [] for row in u.rows(cell_id)],
+            )
         logger.debug("stored cell %s (%s): %d rows", label, cell_id, len(rows))
 
     def results(self, **where) -> list[dict]:
@@ -152,6 +189,11 @@ class ResultStore:
         sql = "SELECT * FROM results" + (f" WHERE {clause}" if clause else "")
         sql += " ORDER BY model, method, level, mix, seed, task, lang, metric"
         return [dict(r) for r in self.conn.execute(sql, tuple(where.values()))]
+
+    def units(self) -> list[dict]:
+        """All per-unit scores as dicts (cell_id, task, lang, metric, unit, value, weight)."""
+        sql = "SELECT * FROM units ORDER BY cell_id, task, lang, metric, unit"
+        return [dict(r) for r in self.conn.execute(sql)]
 
     def cells(self) -> list[dict]:
         rows = self.conn.execute("SELECT * FROM cells ORDER BY finished_at")

@@ -6,6 +6,11 @@ seeds. The best calibration mix per column (lowest perplexity, highest accuracy 
 marked: bold in Markdown, a frame in the heatmap. Heatmap colours are normalised per column
 over the calibration rows, so each column shows which mix suits that language, whatever the
 language's own difficulty.
+
+Where the store holds per-unit scores (held-out documents' NLL, lm-eval's per-example
+results), each entry also shows its 95% bootstrap interval, and every mix not significantly
+worse than the column's best is marked too: italic in Markdown, a dashed frame in the heatmap
+(``polyprune.eval.compare``). ``summary.md`` answers the paper's questions in sentences.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from polyprune.compress.export import write_file_atomic
+from polyprune.eval.compare import Marks, entry_samples, table_marks
+from polyprune.eval.significance import N_BOOT
+from polyprune.eval.summary import summary_markdown
 
 __all__ = ["Table", "build_tables", "heatmap", "to_csv", "to_markdown", "write_tables"]
 
@@ -50,6 +58,7 @@ class Table:
     mean: np.ndarray  # (rows, cols), nan where missing
     std: np.ndarray  # (rows, cols), sample std over seeds (0 for one seed)
     n: np.ndarray  # (rows, cols) seeds per entry
+    marks: Marks | None = None  # intervals and tests, where the store has per-unit scores
 
     @property
     def higher_is_better(self) -> bool:
@@ -85,9 +94,12 @@ def _mix_order(mix: str) -> tuple:
     return (mix != DENSE, len(mix.split(",")), mix)
 
 
-def build_tables(rows: list[dict]) -> list[Table]:
+def build_tables(
+    rows: list[dict], units: list[dict] | None = None, n_boot: int = N_BOOT
+) -> list[Table]:
     """Tables from store rows (dicts with model, method, level, mix, seed, task, lang, metric,
-    value). Dense rows become the top row of every table of the same model and task."""
+    value). Dense rows become the top row of every table of the same model and task. With
+    ``units`` (the store's per-unit scores) each table gets its intervals and tests."""
     values: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
         if r["metric"] != primary_metric(r["task"]):
@@ -113,7 +125,10 @@ def build_tables(rows: list[dict]) -> list[Table]:
             mean[i, j] = float(np.mean(v))
             std[i, j] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
             n[i, j] = len(v)
-        tables.append(Table(model, method, level, task, metric, mixes, langs, mean, std, n))
+        t = Table(model, method, level, task, metric, mixes, langs, mean, std, n)
+        if units is not None:
+            t.marks = table_marks(t, entry_samples(t, rows, units), n_boot=n_boot)
+        tables.append(t)
     return tables
 
 
@@ -125,31 +140,62 @@ def _fmt(t: Table, i: int, j: int) -> str:
     text = f"{t.mean[i, j]:.{digits}f}"
     if t.n[i, j] > 1:
         text += f" ± {t.std[i, j]:.{digits}f}"
+    if t.marks is not None and np.isfinite(t.marks.ci_lo[i, j]):
+        text += f" [{t.marks.ci_lo[i, j]:.{digits}f}, {t.marks.ci_hi[i, j]:.{digits}f}]"
     return text
+
+
+def _mark(t: Table, best: np.ndarray, i: int, j: int) -> str:
+    """ "best", "tied" (not significantly worse than the best) or ""."""
+    if best[j] == i:
+        return "best"
+    return "tied" if t.marks is not None and t.marks.tied[i, j] else ""
+
+
+LEGEND = (
+    "**bold**: best calibration of the column; *italic*: not significantly worse than it "
+    "(paired bootstrap over held-out documents or examples and seeds, max-T over all pairs, "
+    "alpha = {alpha:g}); [lo, hi]: 95% bootstrap interval."
+)
 
 
 def to_markdown(t: Table) -> str:
     best = t.best()
     lines = [f"### {t.title}", "", "| calibration | " + " | ".join(t.langs) + " |"]
     lines.append("|---|" + "---:|" * len(t.langs))
+    style = {"best": "**{}**", "tied": "*{}*", "": "{}"}
     for i, mix in enumerate(t.mixes):
-        cells = [
-            f"**{_fmt(t, i, j)}**" if best[j] == i else _fmt(t, i, j) for j in range(len(t.langs))
-        ]
+        cells = [style[_mark(t, best, i, j)].format(_fmt(t, i, j)) for j in range(len(t.langs))]
         lines.append(f"| {mix} | " + " | ".join(cells) + " |")
+    if t.marks is not None and t.marks.any:
+        lines += ["", LEGEND.format(alpha=t.marks.alpha)]
     return "\n".join(lines) + "\n"
 
 
+CSV_FIELDS = ("", "_std", "_n", "_ci_lo", "_ci_hi", "_mark", "_p_best", "_p_dense")
+
+
+def _num(x: float) -> str:
+    return "" if math.isnan(x) else repr(float(x))
+
+
 def to_csv(t: Table) -> str:
+    """Per language: mean, std, seeds, interval, mark (best/tied), adjusted p-values
+    against the column's best and against dense (empty where not computed)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["calibration"] + [f"{lang}{s}" for lang in t.langs for s in ("", "_std", "_n")])
+    w.writerow(["calibration"] + [f"{lang}{s}" for lang in t.langs for s in CSV_FIELDS])
+    best, nan = t.best(), np.full(t.mean.shape, np.nan)
+    mk = t.marks
+    ci_lo, ci_hi = (mk.ci_lo, mk.ci_hi) if mk else (nan, nan)
+    p_best, p_dense = (mk.p_best, mk.p_dense) if mk else (nan, nan)
     for i, mix in enumerate(t.mixes):
         row = [mix]
         for j in range(len(t.langs)):
             m = t.mean[i, j]
-            row += ["" if math.isnan(m) else repr(float(m)),
-                    "" if math.isnan(m) else repr(float(t.std[i, j])), int(t.n[i, j])]  # fmt: skip
+            row += [_num(m), "" if math.isnan(m) else repr(float(t.std[i, j])), int(t.n[i, j]),
+                    _num(ci_lo[i, j]), _num(ci_hi[i, j]), _mark(t, best, i, j),
+                    _num(p_best[i, j]), _num(p_dense[i, j])]  # fmt: skip
         w.writerow(row)
     return buf.getvalue()
 
@@ -180,13 +226,17 @@ def heatmap(t: Table, path: str | os.PathLike) -> None:
     scores = column_scores(t)
     best = t.best()
     R, C = t.mean.shape
-    fig, ax = plt.subplots(figsize=(1.3 * C + 2.0, 0.5 * R + 1.4))
+    fig, ax = plt.subplots(figsize=(1.6 * C + 2.0, (0.65 if t.marks else 0.5) * R + 1.6))
     cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd")
     ax.imshow(np.ma.masked_invalid(scores), cmap=cmap, vmin=0, vmax=1, aspect="auto")
     for i in range(R):
         for j in range(C):
-            ax.text(j, i, _fmt(t, i, j), ha="center", va="center", fontsize=7,
+            ax.text(j, i, _fmt(t, i, j).replace(" [", "\n["), ha="center", va="center",
+                    fontsize=6 if t.marks is not None else 7,
                     fontweight="bold" if best[j] == i else "normal")  # fmt: skip
+            if _mark(t, best, i, j) == "tied":  # not significantly worse than the best
+                ax.add_patch(Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, lw=1.2,
+                                       ec="black", ls="--"))  # fmt: skip
         if t.mixes[i] == DENSE:
             ax.axhline(i + 0.5, color="black", linewidth=1)
     for j, i in enumerate(best):
@@ -210,11 +260,18 @@ def _write_text(path: Path, text: str) -> None:
     write_file_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def write_tables(rows: list[dict], out_dir: str | os.PathLike, png: bool = True) -> list[Path]:
-    """CSV, Markdown and (``png``) heatmap per table, plus ``tables.md`` with all tables."""
+def write_tables(
+    rows: list[dict],
+    out_dir: str | os.PathLike,
+    png: bool = True,
+    units: list[dict] | None = None,
+    n_boot: int = N_BOOT,
+) -> list[Path]:
+    """CSV, Markdown and (``png``) heatmap per table, ``tables.md`` with all tables, and
+    ``summary.md``. ``units``: the store's per-unit scores, for intervals and tests."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = build_tables(rows)
+    tables = build_tables(rows, units if units is not None else [], n_boot)
     written = []
     for t in tables:
         for suffix, text in ((".csv", to_csv(t)), (".md", to_markdown(t))):
@@ -225,5 +282,7 @@ def write_tables(rows: list[dict], out_dir: str | os.PathLike, png: bool = True)
             written.append(out / f"{t.stem}.png")
     _write_text(out / "tables.md", "\n".join(to_markdown(t) for t in tables))
     written.append(out / "tables.md")
+    _write_text(out / "summary.md", summary_markdown([(t, t.marks) for t in tables]))
+    written.append(out / "summary.md")
     logger.info("%d tables written to %s", len(tables), out)
     return written
