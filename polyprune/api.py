@@ -63,7 +63,7 @@ from polyprune.models import (
     resolve_model_path,
 )
 
-__all__ = ["compress", "prune", "quantize"]
+__all__ = ["compress", "model_dirs", "prune", "quantize"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def _holding_output_lock(fn):
     return wrapper
 
 
-def _model_dirs(model) -> list[str]:
+def model_dirs(model) -> list[str]:
     """The local directory a model spec names (``demo`` included), if any."""
     if isinstance(model, nn.Module):
         return []
@@ -242,7 +242,7 @@ def compress(
             src.check_language(lang)
     if out is not None:
         check_output_dir(out, overwrite)
-        check_not_source(out, _model_dirs(model))
+        check_not_source(out, model_dirs(model))
         check_writable(os.path.dirname(os.path.abspath(out)))
 
     # Config (max positions), tokenizer, then the calibration windows (too little text): all

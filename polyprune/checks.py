@@ -23,12 +23,14 @@ _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # what models._dtype maps
 
 
-def check_device(device: object) -> None:
+def check_device(device: object, available: bool = True) -> None:
     """``cpu``, ``cuda`` or ``cuda:N`` of a GPU torch sees; before any model is loaded (torch
-    itself fails only when the first tensor moves, after minutes of loading)."""
+    itself fails only when the first tensor moves, after minutes of loading). With
+    ``available=False`` only the name is checked: a matrix config may name a GPU that its Ray
+    workers have and the machine reading the config (a login node, a laptop) does not."""
     if not isinstance(device, str) or not _DEVICE.fullmatch(device):
         raise InputError(f"unknown device {shorten(device)}; allowed: cpu, cuda, cuda:N")
-    if device == "cpu":
+    if device == "cpu" or not available:
         return
     import torch
 

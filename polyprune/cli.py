@@ -444,7 +444,7 @@ def _summary(manifest: dict, out: str) -> None:
 def _cmd_analyze(args) -> int:
     from polyprune.analysis.analyze import AnalysisConfig, analyze
     from polyprune.analysis.report import write_report
-    from polyprune.api import _model_dirs
+    from polyprune.api import model_dirs
     from polyprune.compress.export import (
         check_not_source,
         check_output_dir,
@@ -463,7 +463,7 @@ def _cmd_analyze(args) -> int:
         progress=not args.quiet,
     )  # fmt: skip
     check_output_dir(args.out, args.overwrite)  # the device: checked by AnalysisConfig
-    sources = [d for m in (args.dense, *args.compressed) for d in _model_dirs(m)]
+    sources = [d for m in (args.dense, *args.compressed) for d in model_dirs(m)]
     check_not_source(args.out, sources, inside_ok=True)  # a report beside the weights is harmless
     check_writable(os.path.dirname(os.path.abspath(args.out)))
     with output_lock(args.out):

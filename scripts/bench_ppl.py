@@ -29,16 +29,18 @@ DEFAULT_MODEL = "/tmp/gemma3-hf"
 def worker(model_dir: str, dtype: str, chunked: bool, batch_size: int) -> dict:
     import torch
 
+    from polyprune.data.windows import window_bos
     from polyprune.eval.perplexity import heldout_stream, stream_perplexity
     from polyprune.models import load_model
 
     torch.manual_seed(0)
     loaded = load_model(model_dir, dtype=dtype)
     streams = {lang: heldout_stream(loaded.tokenizer, lang, max_tokens=TOKENS) for lang in LANGS}
+    bos = window_bos(loaded.tokenizer)  # windows as polyprune eval cuts them (Gemma: BOS first)
     load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     ppl = {
-        lang: stream_perplexity(loaded.model, s, SEQLEN, batch_size, chunked=chunked)[0]
+        lang: stream_perplexity(loaded.model, s, SEQLEN, batch_size, chunked=chunked, bos=bos)[0]
         for lang, s in streams.items()
     }
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0

@@ -74,7 +74,7 @@ def error_line(stderr: str) -> str:
 
 def test_second_run_on_the_same_out_fails_fast_and_the_first_finishes(tmp_path):
     out = tmp_path / "X"
-    lock = tmp_path / ".X.lock"
+    lock = tmp_path / ".X.polyprune-lock"
     first = start(prune_args(out, "wanda", 4))
     holder = str(first.pid)
     wait_for(lambda: lock.exists() and lock.read_text().split()[:1] == [holder], first)
@@ -363,3 +363,14 @@ def test_eval_out_naming_a_directory_is_refused(tmp_path):
     assert error_line(res.stderr) == (
         f"polyprune eval: error: output {str(tmp_path)!r} is a directory; give a file name"
     )
+
+
+def test_another_tools_lock_file_beside_an_output_is_left_alone(tmp_path):
+    """Stale-lock cleanup removes only polyprune's own lock files: a tool whose lock is the
+    existence of ``.NAME.lock`` must not lose it because polyprune wrote into the folder."""
+    from polyprune.compress.outputs import write_file_atomic
+
+    theirs = tmp_path / ".build.lock"
+    theirs.write_text("not ours\n")
+    write_file_atomic(tmp_path / "a.json", lambda p: Path(p).write_text("{}\n"))
+    assert theirs.is_file()

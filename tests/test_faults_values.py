@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import transformers
 
 import polyprune.api
@@ -124,6 +125,17 @@ def test_bad_matrix_value_is_one_line_exit_2(tmp_path, capsys, changes, message)
     assert cli("matrix", cfg, "--dry-run") == 2
     assert message in _one_error_line(capsys.readouterr().err, "matrix")
     assert not (tmp_path / "outside.sqlite").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_matrix_naming_a_gpu_reads_on_a_cpu_machine_and_refuses_to_run_there(tmp_path, capsys):
+    """A Ray matrix may name cuda for its workers: a login node without a GPU can still list
+    it (--dry-run); only running it locally needs the GPU."""
+    cfg = write_config(tmp_path, device="cuda")
+    assert cli("matrix", cfg, "--dry-run") == 0
+    capsys.readouterr()
+    assert cli("matrix", cfg) == 2
+    assert "torch sees no CUDA device" in _one_error_line(capsys.readouterr().err, "matrix")
 
 
 def test_analyze_seqlen_above_the_models_positions_is_refused(tmp_path, capsys, forbid_loading):

@@ -346,3 +346,28 @@ def test_a_finished_compressed_output_is_reused_only_when_its_manifest_matches(t
     assert rows_by_key(cfg.store_path) == pytest.approx(first)
     assert weights.stat().st_mtime_ns != stamp
     assert json.loads(manifest.read_text())["settings"]["sparsity"] == 0.5
+
+
+def test_an_output_calibrated_before_bos_first_windows_is_not_reused(tmp_path):
+    """Outputs whose manifest does not say how its windows were cut (before windows started
+    with BOS) are compressed again, not reused: on Gemma that changes perplexity 8x."""
+    from polyprune.data.mix import WINDOWS_PROTOCOL
+    from polyprune.eval.matrix import _manifest_matches
+    from polyprune.models import resolve_model_path
+
+    cfg = load_config(write_config(tmp_path, methods=["wanda"], mixes=["de"], seeds=[0]))
+    cell = next(c for c in expand(cfg) if c.method == "wanda")
+    cal = cfg.calibration
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = {
+        "method": "wanda", "model": resolve_model_path(cell.model),
+        "settings": {"sparsity": cell.sparsity, "pattern": cfg.pattern},
+        "calibration": {"mix": "de", "seed": 0, "nsamples": cal.nsamples, "seqlen": cal.seqlen,
+                        "sampling": cal.sampling, "windows": WINDOWS_PROTOCOL},
+    }  # fmt: skip
+    (out / "polyprune.json").write_text(json.dumps(manifest))
+    assert _manifest_matches(out, cell)
+    del manifest["calibration"]["windows"]
+    (out / "polyprune.json").write_text(json.dumps(manifest))
+    assert not _manifest_matches(out, cell)

@@ -3,7 +3,7 @@ runs cleaned by the next run, and a full or read-only disk reported in one line.
 
 Names this module uses beside an output ``NAME``, in the same folder:
 
-``.NAME.lock``
+``.NAME.polyprune-lock``
     lock file, ``flock``-ed for the whole run by the process writing ``NAME`` (its pid inside).
     The kernel drops the lock when that process dies, however it dies.
 ``.NAME.tmp-HOST-PID-XXXXXXXX``
@@ -59,7 +59,7 @@ _HOST = re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname()) or "localhost"
 _TEMP_RE = re.compile(
     r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[a-z0-9_]+$"
 )
-_LOCK_RE = re.compile(r"^\..+\.lock$")
+_LOCK_RE = re.compile(r"^\..+\.polyprune-lock$")  # ours only: never another tool's lock
 # A write that fails for lack of room or of a writable disk: reported in one line, not a trace.
 _FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
 _OS_ERROR_RE = re.compile(r"os error (\d+)")  # how Rust (safetensors, tokenizers) reports errno
@@ -163,7 +163,7 @@ def _is_stale(entry: os.DirEntry, m: re.Match) -> bool:
     writer holds it), and a file (never locked) must be a minute old."""
     if m["host"] != _HOST or _pid_alive(int(m["pid"])):
         return False
-    lock = Path(entry.path).parent.resolve() / f".{m['name']}.lock"
+    lock = Path(entry.path).parent.resolve() / f".{m['name']}.polyprune-lock"
     if lock not in _held and _lock_busy(lock):  # held by this process: no one else writes it
         return False
     try:
@@ -179,7 +179,7 @@ _held_guard = threading.Lock()
 
 
 def _lock_path(out: Path) -> Path:
-    return out.parent / f".{out.name}.lock"
+    return out.parent / f".{out.name}.polyprune-lock"
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -282,8 +282,9 @@ def _acquire(lock: Path, out: Path) -> int | None:
 
 @contextlib.contextmanager
 def output_lock(out: str | os.PathLike) -> Iterator[Path]:
-    """Hold ``.NAME.lock`` beside ``out`` for the block: a second writer of ``out`` (another
-    process) fails at once with InputError naming the holder's pid. Reentrant in a process."""
+    """Hold ``.NAME.polyprune-lock`` beside ``out`` for the block: a second writer of ``out``
+    (another process) fails at once with InputError naming the holder's pid. Reentrant in a
+    process."""
     out = Path(out).resolve()
     _ensure_parent(out)
     lock = _lock_path(out)

@@ -34,6 +34,7 @@ from polyprune.data.windows import window_bos
 from polyprune.errors import MAX_ECHO, InputError, cut, shorten
 
 __all__ = [
+    "WINDOWS_PROTOCOL",
     "CalibrationMix",
     "CalibrationSet",
     "SamplingMode",
@@ -176,7 +177,13 @@ class CalibrationSet:
             "sampling": self.mode,
             "source": self.source,
             "fingerprint": self.fingerprint,
+            "windows": WINDOWS_PROTOCOL,
         }
+
+
+# How windows are cut: "bos-first" = BOS + seqlen - 1 text tokens where the tokenizer adds a BOS
+# (data.windows). Recorded in manifests so that outputs calibrated before it are not reused.
+WINDOWS_PROTOCOL = "bos-first-v1"
 
 
 def windows_fingerprint(input_ids: torch.Tensor) -> str:

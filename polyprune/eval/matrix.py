@@ -53,6 +53,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
+from polyprune.data.mix import WINDOWS_PROTOCOL
 from polyprune.errors import InputError, shorten
 from polyprune.eval.evaluate import EvalSettings, PplSettings, evaluate_cell
 from polyprune.eval.store import ResultRow, ResultStore, UnitScores
@@ -234,7 +235,7 @@ class MatrixConfig:
                 check_calibration(cal.nsamples, cal.seqlen, seed, cal.sampling)
             except InputError as e:
                 raise InputError(f"config: {e}") from None
-        check_device(self.device)
+        check_device(self.device, available=False)  # the local executor checks the GPU
         check_dtype(self.dtype)
         _check_store(self.workdir, self.store)
         needs_data = any(m not in DATA_FREE for m in self.methods)
@@ -401,6 +402,7 @@ def _manifest_matches(out: Path, cell: Cell) -> bool:
     if cell.mix is not None:
         cal = m.get("calibration") or {}
         want = {"mix": cell.mix, "seed": cell.seed, "nsamples": cc["nsamples"],
+                "windows": WINDOWS_PROTOCOL,
                 "seqlen": cc["seqlen"], "sampling": cc["sampling"]}  # fmt: skip
         ok &= all(cal.get(k) == v for k, v in want.items())
     return bool(ok)
@@ -560,6 +562,10 @@ def run_matrix(
     """Run the cells of ``cfg`` that the store does not hold yet."""
     if executor not in EXECUTORS:
         raise InputError(f"unknown executor {executor!r}; allowed: {', '.join(EXECUTORS)}")
+    if executor == "local" and not dry_run:
+        from polyprune.checks import check_device
+
+        check_device(cfg.device)  # the config checked only the name; here the GPU must exist
     cells = expand(cfg)
     report = MatrixReport(cells)
     ids = [c.cell_id for c in cells]
