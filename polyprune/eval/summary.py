@@ -130,7 +130,8 @@ def table_summary(t, m: Marks) -> str:
     lines = [f"## {t.title}", ""]
     if not m.any:
         lines.append("- No per-unit scores in the store for this table: no intervals or tests "
-                     "(cells evaluated before polyprune kept them).")  # fmt: skip
+                     "(the SNR and error analyses keep none; ppl and lm-eval cells evaluated "
+                     "before polyprune kept them have none).")  # fmt: skip
     for sentence in (target_sentence(t, m), worst_sentence(t, m), dense_sentence(t, m)):
         lines.append(f"- {sentence}")
     return "\n".join(lines) + "\n"
