@@ -345,7 +345,7 @@ def _compress_streamed(
 ) -> tuple[None, dict]:  # fmt: skip
     """The checkpoint in ``path`` compressed block by block into ``out``; see ``stream.py``."""
     source_dtype = _source_dtype(config)
-    run_dtype = _dtype(dtype, engine_cfg.device)
+    run_dtype = _dtype(dtype, engine_cfg.device, source_dtype)
     if run_dtype == "auto":
         run_dtype = source_dtype or torch.float32
     if quant is not None and format == "dense":  # dequantised weights are exact in fp32 only

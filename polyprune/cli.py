@@ -17,6 +17,12 @@ from polyprune.errors import InputError, one_line
 
 __all__ = ["main"]
 
+DTYPE_HELP = (
+    "dtype of the forward passes: auto (the checkpoint's; a 16-bit one runs in float32 on a "
+    "CPU without fast 16-bit matmuls), float32 (the reference), bfloat16, float16. "
+    "Statistics and solvers are float32 in every case"
+)
+
 log = logging.getLogger("polyprune")
 
 
@@ -84,7 +90,7 @@ def _add_verbosity(p: argparse.ArgumentParser, default) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), float32, float16, bfloat16")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument(
         "--offload",
@@ -216,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seqlen", type=int, default=512, help="tokens per window")
     a.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     a.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    a.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), float32, float16, bfloat16")
+    a.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     a.add_argument("--lsar-rank", type=int, default=None, help="LSAR subspace rank (default L-1)")
     a.add_argument("--lape-group", type=float, default=2.0, metavar="PERCENT",
                    help="neuron group size in %% of neurons, by dense LAPE")  # fmt: skip
@@ -284,7 +290,7 @@ def _add_eval_commands(sub, common: argparse.ArgumentParser) -> None:
     e.add_argument("--num-fewshot", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    e.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), float32, bfloat16, ...")
+    e.add_argument("--dtype", default="auto", help=DTYPE_HELP)
 
     m = sub.add_parser(
         "matrix", parents=[common], help="run an evaluation matrix from a YAML config"

@@ -20,6 +20,7 @@ from polyprune.weights import check_weight_files, drop_ignorable, fit_error, tie
 
 __all__ = [
     "DEMO_MODEL_DIR",
+    "FAST_DTYPES_ENV",
     "LoadedModel",
     "find_blocks",
     "get_weight",
@@ -29,7 +30,11 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "max_positions",
+    "cpu_flags",
+    "fast_cpu_dtypes",
+    "fast_dtypes_from_flags",
     "resolve_model_path",
+    "run_dtype",
     "set_weight",
 ]
 
@@ -75,16 +80,84 @@ def resolve_model_path(spec: str | os.PathLike) -> str:
     return spec
 
 
-def _dtype(name: str | torch.dtype | None, device: str) -> torch.dtype | str:
+# CPU features that make a 16-bit matmul faster than fp32 in PyTorch's CPU kernels (oneDNN):
+# x86 AVX512-BF16 / AMX-BF16 for bfloat16, AVX512-FP16 / AMX-FP16 for float16. Without them
+# PyTorch converts 16-bit operands to fp32 internally, and a 16-bit forward is slower, not faster.
+_FAST_CPU_FLAGS = {
+    torch.bfloat16: ("avx512_bf16", "amx_bf16"),
+    torch.float16: ("avx512_fp16", "amx_fp16"),
+}
+
+
+def fast_dtypes_from_flags(flags: set[str]) -> frozenset[torch.dtype]:
+    """The 16-bit dtypes a CPU with these ``/proc/cpuinfo`` flags multiplies fast."""
+    return frozenset(dt for dt, need in _FAST_CPU_FLAGS.items() if flags & set(need))
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where there is none: macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+FAST_DTYPES_ENV = "POLYPRUNE_FAST_CPU_DTYPES"
+
+
+def fast_cpu_dtypes() -> frozenset[torch.dtype]:
+    """16-bit dtypes this CPU runs matmuls in faster than fp32: detected from its feature flags,
+    deterministically, so that the same command runs in the same dtype on the same machine.
+    ``POLYPRUNE_FAST_CPU_DTYPES`` (``none`` or e.g. ``bfloat16``) overrides the detection: the
+    test suite pins it so that its results do not depend on the machine it runs on."""
+    override = os.environ.get(FAST_DTYPES_ENV)
+    if override is None:
+        return fast_dtypes_from_flags(cpu_flags())
+    names = {n.strip() for n in override.split(",") if n.strip()} - {"none"}
+    table = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    if names - set(table):
+        raise InputError(
+            f"{FAST_DTYPES_ENV}={override!r}: allowed are none or a comma list of "
+            f"{', '.join(table)}"
+        )
+    return frozenset(table[n] for n in names)
+
+
+def run_dtype(
+    name: str | torch.dtype | None, device: str, source: torch.dtype | None = None
+) -> torch.dtype | str:
+    """The dtype block forwards run in. ``auto`` is the checkpoint's dtype (``source``; "auto"
+    for transformers where unknown) on a GPU, and on a CPU whose 16-bit matmuls are fast
+    (``fast_cpu_dtypes``); elsewhere a 16-bit checkpoint runs in fp32, and the log says why.
+    Statistics and solvers are fp32 whatever this is (``compress.stats``, ``compress.obs``)."""
     if isinstance(name, torch.dtype):
         return name
     if name in (None, "auto"):
-        # CPUs run fp16/bf16 matmuls slowly and with low precision: compress in fp32 there.
-        return torch.float32 if device == "cpu" else "auto"
+        if device != "cpu":
+            return source or "auto"
+        if source is None or source == torch.float32 or not source.is_floating_point:
+            return torch.float32
+        if source in fast_cpu_dtypes():
+            return source
+        flags = " or ".join(_FAST_CPU_FLAGS.get(source, ("a fast 16-bit unit",)))
+        logger.info(
+            "dtype auto: the %s checkpoint runs in float32: this CPU has no fast %s matmul "
+            "(no %s)", str(source).removeprefix("torch."), str(source).removeprefix("torch."),
+            flags,
+        )  # fmt: skip
+        return torch.float32
     table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name not in table:
         raise InputError(f"unknown dtype {name!r}; allowed: auto, {', '.join(table)}")
     return table[name]
+
+
+def _dtype(name: str | torch.dtype | None, device: str, source: torch.dtype | None = None):
+    return run_dtype(name, device, source)
 
 
 @dataclass
@@ -148,10 +221,13 @@ def load_model(
     if os.path.isdir(path):
         check_weight_files(path)
     try:
+        dt = run_dtype(
+            dtype, device, source_dtype if isinstance(source_dtype, torch.dtype) else None
+        )
         if isinstance(qc, dict) and qc.get("quant_method") == "gptq":
-            model = _load_gptq_dense(path, config, _dtype(dtype, device))
+            model = _load_gptq_dense(path, config, dt)
         else:
-            model = _from_pretrained(path, _dtype(dtype, device))
+            model = _from_pretrained(path, dt)
     except InputError:
         raise
     except (OSError, ValueError) as e:
