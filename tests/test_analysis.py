@@ -229,3 +229,29 @@ def test_lape_counting_through_hooks_equals_counting_by_hand():
             torch.testing.assert_close(counter.magnitude[layer, lang], magnitude)
     assert counter.tokens.tolist() == [48, 32]
     assert counter.entropy().shape == (2, 128)
+
+
+def test_lape_leaves_out_the_tokens_keep_excludes():
+    """analyze counts ordinary tokens only: BOS (position 0 here) must not enter any count."""
+    from polyprune.analysis.lape import LapeCounter
+
+    model = tiny_model("llama", layers=2).eval()
+    ids = torch.randint(2, 300, (3, 16))
+    keep = torch.ones(3, 16, dtype=torch.bool)
+    keep[:, 0] = False
+    with LapeCounter(model, n_langs=1) as counter, torch.no_grad():
+        counter.keep = keep.reshape(-1)
+        model(ids, use_cache=False)
+    mlp = model.model.layers[1].mlp
+    seen = {}
+    h1 = mlp.gate_proj.register_forward_hook(lambda m, a, o: seen.__setitem__("g", o))
+    h2 = mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("A", a[0]))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    h1.remove()
+    h2.remove()
+    active = (torch.nn.functional.silu(seen["g"][:, 1:]) > 0).reshape(-1, 128).sum(0)
+    magnitude = seen["A"][:, 1:].abs().reshape(-1, 128).sum(0)
+    assert torch.equal(counter.counts[1, 0], active)
+    torch.testing.assert_close(counter.magnitude[1, 0], magnitude)
+    assert counter.tokens.tolist() == [45]

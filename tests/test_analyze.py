@@ -100,7 +100,7 @@ def test_lockstep_lape_counts_equal_counts_over_plain_forwards():
     seen = []
     with LapeCounter(model, n_langs=2) as lockstep:
 
-        def on_batch(name, seg):
+        def on_batch(name, seg, rows):
             seen.append(seg)
             lockstep.lang = seg
 

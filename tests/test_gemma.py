@@ -232,7 +232,7 @@ def test_lockstep_lape_on_gemma_equals_plain_forwards(gemma_dir):
     ids, segments, _ = heldout_windows(loaded.tokenizer, ("de", "sw"), "bundled", 4, 128)
     with LapeCounter(model, n_langs=2) as lockstep:
 
-        def on_batch(name, seg):
+        def on_batch(name, seg, rows):
             lockstep.lang = seg
 
         for _ in lockstep_block_outputs({"m": model}, ids, segments, 4, on_batch=on_batch,

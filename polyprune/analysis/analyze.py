@@ -264,11 +264,13 @@ def _run_pass(
     for c in counters.values():
         c.__enter__()
 
-    def on_batch(name: str, seg: int) -> None:
+    keep_d = keep.to(cfg.device)
+
+    def on_batch(name: str, seg: int, rows: slice) -> None:
         if name in counters:
             counters[name].lang = seg
+            counters[name].keep = keep_d[rows].bool().reshape(-1)  # special tokens left out
 
-    keep_d = keep.to(cfg.device)
     n_tokens = keep.sum(1, keepdim=True)  # (N, 1)
     try:
         for _, outs in lockstep_block_outputs(

@@ -59,12 +59,13 @@ def lockstep_block_outputs(
     segments: list[slice] | None = None,
     batch_size: int = 8,
     device: str = "cpu",
-    on_batch: Callable[[str, int], None] | None = None,
+    on_batch: Callable[[str, int, slice], None] | None = None,
     progress: bool = True,
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """Yield ``(layer, {model name: block output (N, T, d)})`` for every decoder block.
 
-    ``on_batch(model name, segment index)`` is called before each batch runs through a block;
+    ``on_batch(model name, segment index, rows)`` is called before each batch runs through a
+    block (``rows``: the batch's rows of ``input_ids``);
     the yielded tensors are overwritten on the next step (copy what must be kept).
     """
     segments = segments or [slice(0, input_ids.shape[0])]
@@ -90,7 +91,7 @@ def lockstep_block_outputs(
                 inp = inputs[name]
                 for seg, rows in plan:
                     if on_batch is not None:
-                        on_batch(name, seg)
+                        on_batch(name, seg, rows)
                     args, kwargs = inp.extra[layer][rows.stop - rows.start]
                     y = block_output(block(inp.hidden[rows].to(device), *args, **kwargs))
                     outs[name][rows] = y.to(outs[name].device)

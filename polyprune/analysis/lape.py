@@ -77,6 +77,10 @@ class LapeCounter:
         self._unused_sums = torch.zeros(n_langs, width, device=device)
         self.tokens = torch.zeros(n_langs, dtype=torch.int64)
         self.lang = 0
+        # Tokens of the next batch to count, flattened (batch * seq,) bool; None counts all.
+        # analyze leaves special tokens out (BOS is an attention sink with outlier activations,
+        # the same in every language: it would only dilute the per-language probabilities).
+        self.keep: torch.Tensor | None = None
         self._handles: list = []
 
     def __enter__(self) -> LapeCounter:
@@ -92,7 +96,7 @@ class LapeCounter:
 
     def _gate_hook(self, i: int, mlp: nn.Module):
         def hook(module, args, out):
-            act = mlp.act_fn(out).reshape(-1, out.shape[-1])  # (tokens, neurons)
+            act = self._kept(mlp.act_fn(out).reshape(-1, out.shape[-1]))  # (tokens, neurons)
             # counts of act(gate) > 0 go to this layer's row; its |act| sums are not needed
             lape_count(act, self.counts[i], self._unused_sums, self.lang)
             if i == 0:
@@ -102,10 +106,17 @@ class LapeCounter:
 
     def _down_hook(self, i: int):
         def hook(module, args):
-            A = args[0].reshape(-1, args[0].shape[-1])  # act(gate) * up: the neuron outputs
+            A = self._kept(args[0].reshape(-1, args[0].shape[-1]))  # act(gate) * up
             lape_count(A, self._unused_counts, self.magnitude[i], self.lang)
 
         return hook
+
+    def _kept(self, x: torch.Tensor) -> torch.Tensor:
+        if self.keep is None:
+            return x
+        if self.keep.shape[0] != x.shape[0]:
+            raise ValueError(f"keep has {self.keep.shape[0]} tokens, the batch {x.shape[0]}")
+        return x[self.keep.to(x.device)]
 
     def entropy(self) -> torch.Tensor:
         """LAPE (layers, neurons)."""
