@@ -329,26 +329,41 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
 # --- entry points used by polyprune.models.resolve_model_path --------------------------------
 
 
-def resolve_gguf(path: str | os.PathLike, cache: Path | None = None) -> str:
-    """A ``.gguf`` file (or a folder with one) -> its converted HF directory."""
+def check_gguf(path: str | os.PathLike) -> Path:
+    """The .gguf file of ``path``, checked as ``resolve_gguf`` checks it (a readable header of
+    a supported architecture, the gguf package present), without hashing or converting it."""
     found = find_gguf(path)
     if found is None:
         raise InputError(f"model path {str(path)!r} is not a .gguf file or a folder with one")
-    header = read_header(found)  # bad file: exit 2 before hashing or converting
+    header = read_header(found)
     _require_gguf_package()
     _check_supported(found, header)
+    return found
+
+
+def check_named(name: str) -> None:
+    """A named offline model's package and the gguf package are installed (nothing assembled
+    or converted: ``--dry-run`` and config checks must stay instant)."""
+    spec = NAMED_MODELS[name]
+    try:
+        importlib.import_module(spec.module)
+    except ImportError as e:
+        raise InputError(f"model {name} needs the package {spec.dist}: {_INSTALL}") from e
+    _require_gguf_package()
+
+
+def resolve_gguf(path: str | os.PathLike, cache: Path | None = None) -> str:
+    """A ``.gguf`` file (or a folder with one) -> its converted HF directory."""
+    found = check_gguf(path)  # bad file: exit 2 before hashing or converting
     sha = file_sha256(found, cache)
-    return str(_ensure_converted(found, sha, header, cache))
+    return str(_ensure_converted(found, sha, read_header(found), cache))
 
 
 def resolve_named(name: str, cache: Path | None = None) -> str:
     """A named offline model (``gemma-3-270m``) -> its converted HF directory."""
+    check_named(name)
     spec = NAMED_MODELS[name]
-    try:
-        pkg = importlib.import_module(spec.module)
-    except ImportError as e:
-        raise InputError(f"model {name} needs the package {spec.dist}: {_INSTALL}") from e
-    _require_gguf_package()
+    pkg = importlib.import_module(spec.module)
     root = _root(cache)
     sha = pkg.EXPECTED_SHA256
     target = root / f"hf-{sha[:24]}-v{_LAYOUT}"

@@ -43,10 +43,13 @@ logger = logging.getLogger(__name__)
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo"
 
 
-def resolve_model_path(spec: str | os.PathLike) -> str:
+def resolve_model_path(spec: str | os.PathLike, convert: bool = True) -> str:
     """``demo`` -> the bundled model; ``gemma-3-270m`` (a named offline model) or a ``.gguf``
     file or a folder holding one -> its HF checkpoint converted once into the cache (see
-    polyprune.gguf); an existing HF directory -> itself; ``org/name`` -> hub id."""
+    polyprune.gguf); an existing HF directory -> itself; ``org/name`` -> hub id.
+
+    ``convert=False`` checks a GGUF or named model without converting it (minutes the first
+    time) and returns ``spec`` itself: for checks before any work, such as ``--dry-run``."""
     from polyprune import gguf
 
     spec = str(spec)
@@ -57,9 +60,15 @@ def resolve_model_path(spec: str | os.PathLike) -> str:
             )
         return str(DEMO_MODEL_DIR)
     if spec in gguf.NAMED_MODELS:
+        if not convert:
+            gguf.check_named(spec)
+            return spec
         return gguf.resolve_named(spec)
     if os.path.exists(spec):
         if gguf.find_gguf(spec) is not None:
+            if not convert:
+                gguf.check_gguf(spec)
+                return spec
             return gguf.resolve_gguf(spec)
         if not os.path.isdir(spec) or not os.path.isfile(os.path.join(spec, "config.json")):
             raise InputError(

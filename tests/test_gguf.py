@@ -253,3 +253,16 @@ def test_two_processes_resolving_at_once_convert_once(tmp_path):
     assert len({out.strip() for out, _ in results}) == 1
     assert sum(err.count("converting ") for _, err in results) == 1
     assert not list((tmp_path / "cache" / "gguf").glob(".*.tmp-*"))
+
+
+def test_matrix_dry_run_on_a_gguf_checks_it_without_converting(tmp_path, capsys, no_conversion):
+    from .test_matrix import write_config
+
+    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    cfg = write_config(tmp_path, models=[str(path)])
+    assert cli("matrix", cfg, "--dry-run", "-q") == 0  # no_conversion: converting would raise
+    assert "0 done" in capsys.readouterr().out
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 8)  # a damaged header is still refused up front
+    assert cli("matrix", write_config(tmp_path, models=[str(bad)]), "--dry-run", "-q") == 2
+    assert "bad.gguf" in capsys.readouterr().err

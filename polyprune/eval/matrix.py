@@ -217,7 +217,7 @@ class MatrixConfig:
                 allowed = ", ".join(PRUNE_METHODS + QUANT_METHODS)
                 raise InputError(f"config: unknown method {m!r}; allowed: {allowed}")
         for model in self.models:
-            resolve_model_path(model)
+            resolve_model_path(model, convert=False)  # a GGUF is converted by the first cell
         for a in self.analyses:
             if a not in ANALYSES:
                 raise InputError(f"config: unknown analysis {a!r}; allowed: {', '.join(ANALYSES)}")
