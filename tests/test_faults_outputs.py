@@ -374,3 +374,22 @@ def test_another_tools_lock_file_beside_an_output_is_left_alone(tmp_path):
     theirs.write_text("not ours\n")
     write_file_atomic(tmp_path / "a.json", lambda p: Path(p).write_text("{}\n"))
     assert theirs.is_file()
+
+
+def test_refused_out_inside_the_model_leaves_no_folder_behind(tmp_path, tiny_model_dir):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), model)
+    before = sorted(p.name for p in model.iterdir())
+    r = run(["prune", "--model", model, "--method", "magnitude", "--out", model / "sub" / "x"])
+    assert r.returncode == 2 and "is inside the model directory" in r.stderr
+    assert sorted(p.name for p in model.iterdir()) == before  # no empty "sub" left in it
+
+
+def test_folders_made_for_an_output_stay_when_it_is_written(tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    with output_lock(out):
+        out.mkdir()
+    assert out.is_dir()
+    with output_lock(tmp_path / "c" / "d" / "out"):
+        pass  # nothing written: the folders made for it go again
+    assert not (tmp_path / "c").exists()

@@ -236,11 +236,24 @@ def _holder(fd: int) -> str:
     return "unknown"
 
 
-def _ensure_parent(out: Path) -> None:
+def _ensure_parent(out: Path) -> list[Path]:
+    """Create ``out``'s missing ancestors; returns those it created, deepest first."""
+    created = [p for p in out.parents if not p.exists()]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create the folder of output {out}: {e.strerror}") from e
+    return created
+
+
+def _remove_if_empty(dirs: list[Path]) -> None:
+    """Folders made for an output that was never written (a refused or failed run): a run
+    refused for ``--out MODEL/sub/x`` must not leave ``MODEL/sub`` behind."""
+    for d in dirs:  # deepest first; a folder that holds anything now stays
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def _flock_soon(fd: int) -> None:
@@ -286,13 +299,17 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
     (another process) fails at once with InputError naming the holder's pid. Reentrant in a
     process."""
     out = Path(out).resolve()
-    _ensure_parent(out)
+    created = _ensure_parent(out)
     lock = _lock_path(out)
     with _held_guard:
         if lock in _held:
             _held[lock][1] += 1
         else:
-            fd = _acquire(lock, out)
+            try:
+                fd = _acquire(lock, out)
+            except BaseException:
+                _remove_if_empty(created)
+                raise
             _held[lock] = [fd, 1]
     try:
         yield out
@@ -308,6 +325,7 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
                         if _same_file(fd, lock):
                             lock.unlink()  # while still locked: see _remove_lock_if_free
                     os.close(fd)
+                _remove_if_empty(created)
 
 
 # --- checks before any work ----------------------------------------------------------------
