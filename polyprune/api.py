@@ -20,13 +20,7 @@ import torch
 from torch import nn
 
 from polyprune.checks import check_device, check_dtype
-from polyprune.compress.engine import (
-    METHODS,
-    QUANT_METHODS,
-    EngineConfig,
-    check_widths,
-    compress_model,
-)
+from polyprune.compress.engine import EngineConfig, check_widths, compress_model
 from polyprune.compress.export import (
     FORMATS,
     MANIFEST,
@@ -39,6 +33,7 @@ from polyprune.compress.export import (
 )
 from polyprune.compress.gptq_format import check_packable
 from polyprune.compress.masks import Pattern
+from polyprune.compress.methods import get_method
 from polyprune.compress.quant import QuantConfig
 from polyprune.compress.solver import PruneConfig
 from polyprune.compress.stream import (
@@ -89,8 +84,7 @@ def prune(
     ``calib``; with ``bits`` (SparseGPT only) also quantise in the same pass. Returns the
     pruned model and its manifest; writes ``out`` if given. See :func:`compress` for the rest.
     """
-    if method not in ("magnitude", "wanda", "sparsegpt"):
-        raise InputError(f"unknown method {method!r}; allowed: magnitude, wanda, sparsegpt")
+    get_method(method, "prune")
     pat = Pattern.parse(pattern)
     if sparsity is None:  # N:M implies its sparsity; unstructured defaults to 50%
         sparsity = pat.sparsity if pat.structured else 0.5
@@ -121,8 +115,7 @@ def quantize(
     returned holds the dequantised weights; ``out`` gets the packed GPTQ checkpoint
     (``format="gptq"``) or an ordinary HF checkpoint of the dequantised weights (``"dense"``).
     """
-    if method not in QUANT_METHODS:
-        raise InputError(f"unknown method {method!r}; allowed: {', '.join(QUANT_METHODS)}")
+    get_method(method, "quantize")
     quant = QuantConfig(bits, group_size, sym, act_order, static_groups, blocksize, percdamp)
     return compress(model, method, quant=quant, format=format, **kw)
 
@@ -212,8 +205,7 @@ def compress(
     and ``out`` is given. ``offload`` (auto, none, cpu, disk) places the calibration
     activations; disk memory-maps them in ``offload_dir``."""
     t0 = time.perf_counter()
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    spec = get_method(method)
     if format not in FORMATS:
         raise InputError(f"unknown format {format!r}; allowed: {', '.join(FORMATS)}")
     if format == "gptq" and quant is None:
@@ -229,7 +221,7 @@ def compress(
     max_shard_bytes = parse_size(max_shard_size)
     if stream not in (True, False, "auto"):
         raise InputError(f"stream must be True, False or 'auto', not {stream!r}")
-    needs_data = METHODS[method].stat is not None
+    needs_data = not spec.data_free
     mix = None
     if needs_data:
         check_calibration(nsamples, seqlen, seed, sampling)
@@ -373,12 +365,22 @@ def _compress_streamed(
     return None, manifest
 
 
+def _setting(key: str, prune_cfg: PruneConfig, quant: QuantConfig | None):
+    """The value of manifest setting ``key`` (a method's ``settings``); the column block and
+    damping are the quantiser's when there is one (joint SparseGPT + GPTQ)."""
+    if key == "sparsity":
+        return prune_cfg.sparsity
+    if key == "pattern":
+        return str(prune_cfg.pattern)
+    return getattr(quant or prune_cfg, key)
+
+
 def _manifest(
     engine_cfg: EngineConfig, prune_cfg: PruneConfig, quant: QuantConfig | None, format: str,
     model_name, run_dtype: torch.dtype, calib_set, report, command: str | None,
     timings: dict[str, float],
 ) -> dict:  # fmt: skip
-    method = engine_cfg.method
+    spec = get_method(engine_cfg.method)
     settings = {
         "true_sequential": engine_cfg.true_sequential,
         "batch_size": engine_cfg.batch_size,
@@ -386,20 +388,16 @@ def _manifest(
         "offload": engine_cfg.offload,
         "dtype": str(run_dtype).removeprefix("torch."),
     }
-    if method not in QUANT_METHODS:
-        settings.update(sparsity=prune_cfg.sparsity, pattern=str(prune_cfg.pattern))
-    if method == "sparsegpt" or method == "gptq":
-        settings.update(blocksize=(quant or prune_cfg).blocksize,
-                        percdamp=(quant or prune_cfg).percdamp)  # fmt: skip
+    settings.update({k: _setting(k, prune_cfg, quant) for k in spec.settings})
     manifest = {
         "tool": "polyprune",
         "version": _version(),
-        "command": command or f"polyprune.{'quantize' if method in QUANT_METHODS else 'prune'}()",
+        "command": command or f"polyprune.{spec.kind}()",
         "model": str(model_name),
         # e.g. a GGUF converted in the cache: which file, which quantisation (Q4_K_M, ...)
         "source": model_source(model_name),
-        "kind": "quantize" if method in QUANT_METHODS else "prune",
-        "method": method,
+        "kind": spec.kind,
+        "method": spec.name,
         "settings": settings,
         "quantization": None,
         "calibration": calib_set.manifest() if calib_set else None,

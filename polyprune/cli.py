@@ -13,6 +13,7 @@ import shlex
 import signal
 import sys
 
+from polyprune.compress.methods import Kind, allowed, get_method, method_names, methods
 from polyprune.errors import InputError, one_line
 
 __all__ = ["main"]
@@ -130,6 +131,16 @@ def _add_grid_args(p: argparse.ArgumentParser) -> None:
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid")
 
 
+def _add_method_arg(p: argparse.ArgumentParser, kind: Kind) -> None:
+    """``--method``: the registry's methods of ``kind``, each with its one-line help."""
+    p.add_argument(
+        "--method",
+        required=True,
+        choices=method_names(kind),
+        help="; ".join(f"{s.name}: {s.help}" for s in methods(kind)),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="polyprune", description=__doc__.splitlines()[0])
     _add_verbosity(ap, False)
@@ -144,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="hub id, local HF directory, .gguf file, demo or gemma-3-270m",
     )
-    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"])
+    _add_method_arg(p, "prune")
     p.add_argument(
         "--sparsity",
         type=float,
@@ -158,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bits",
         type=int,
         default=None,
-        help="with sparsegpt: also quantise to 2, 3, 4 or 8 bits in the same pass",
+        help=f"with {allowed([s.name for s in methods('prune') if s.joint_quant], ' or ')}: "
+        "also quantise to 2, 3, 4 or 8 bits in the same pass",
     )
     _add_grid_args(p)
     p.add_argument(
@@ -175,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="hub id, local HF directory, .gguf file, demo or gemma-3-270m",
     )
-    q.add_argument("--method", required=True, choices=["gptq", "rtn"])
+    _add_method_arg(q, "quantize")
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
     _add_grid_args(q)
     q.add_argument(
@@ -380,9 +392,13 @@ def _common(args) -> dict:
     }
 
 
-def _warn_unused_calibration(args) -> None:
-    """A data-free method (magnitude, rtn) reads no text: say so once if calibration flags
-    were given, rather than ignoring them silently."""
+def _check_calibration_flags(args) -> None:
+    """A calibrating method needs ``--calib``; a data-free one (magnitude, rtn) reads no text:
+    say so once if calibration flags were given, rather than ignoring them silently."""
+    if not get_method(args.method).data_free:
+        if not args.calib:
+            raise InputError(f"--method {args.method} needs --calib MIX (e.g. --calib de,en)")
+        return
     given = getattr(args, "given", None) or {}
     flags = [given[d] for d in CALIB_DESTS if d in given]
     if flags:
@@ -394,10 +410,7 @@ def _warn_unused_calibration(args) -> None:
 def _cmd_prune(args) -> int:
     from polyprune.api import prune
 
-    if args.method != "magnitude" and not args.calib:
-        raise InputError(f"--method {args.method} needs --calib MIX (e.g. --calib de,en)")
-    if args.method == "magnitude":
-        _warn_unused_calibration(args)
+    _check_calibration_flags(args)
     _, manifest = prune(
         args.model, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
         save_masks=args.save_masks, **_common(args),
@@ -409,10 +422,7 @@ def _cmd_prune(args) -> int:
 def _cmd_quantize(args) -> int:
     from polyprune.api import quantize
 
-    if args.method == "gptq" and not args.calib:
-        raise InputError("--method gptq needs --calib MIX (e.g. --calib de,en)")
-    if args.method == "rtn":
-        _warn_unused_calibration(args)
+    _check_calibration_flags(args)
     _, manifest = quantize(
         args.model, method=args.method, act_order=args.act_order,
         static_groups=args.static_groups, **_common(args),

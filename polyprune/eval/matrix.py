@@ -53,6 +53,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
+from polyprune.compress.methods import get_method, method_names, methods
 from polyprune.data.mix import WINDOWS_PROTOCOL
 from polyprune.errors import InputError, shorten
 from polyprune.eval.evaluate import EvalSettings, PplSettings, evaluate_cell
@@ -73,9 +74,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
-QUANT_METHODS = ("gptq", "rtn")
-DATA_FREE = ("magnitude", "rtn")
+# From the method registry (polyprune.compress.methods), the one list of methods.
+PRUNE_METHODS = method_names("prune")
+QUANT_METHODS = method_names("quantize")
+DATA_FREE = tuple(s.name for s in methods() if s.data_free)
 # Diagnostics of compressed vs dense hidden states per evaluation language (polyprune.analysis)
 ANALYSES = {"snr": "snr_db", "error": "pruning_error"}
 ANALYSIS_WINDOWS = 16  # held-out windows per language: enough for stable layer sums
@@ -213,9 +215,10 @@ class MatrixConfig:
         from polyprune.models import resolve_model_path
 
         for m in self.methods:
-            if m not in PRUNE_METHODS + QUANT_METHODS:
-                allowed = ", ".join(PRUNE_METHODS + QUANT_METHODS)
-                raise InputError(f"config: unknown method {m!r}; allowed: {allowed}")
+            try:
+                get_method(m)
+            except InputError as e:
+                raise InputError(f"config: {e}") from None
         for model in self.models:
             resolve_model_path(model)
         for a in self.analyses:
