@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import os
 import platform
@@ -23,7 +22,6 @@ from polyprune.checks import check_device, check_dtype
 from polyprune.compress.engine import EngineConfig, check_widths, compress_model
 from polyprune.compress.export import (
     FORMATS,
-    MANIFEST,
     check_not_source,
     check_output_dir,
     check_writable,
@@ -32,6 +30,7 @@ from polyprune.compress.export import (
     staged_output,
 )
 from polyprune.compress.gptq_format import check_packable
+from polyprune.compress.manifest import QuantizationRecord, RunManifest
 from polyprune.compress.masks import Pattern
 from polyprune.compress.methods import get_method
 from polyprune.compress.quant import QuantConfig
@@ -297,9 +296,9 @@ def compress(
             overwrite=overwrite, dtype=source_dtype, format=format, quant=report.quant,
             quant_cfg=quant,
         )  # fmt: skip
-        manifest["seconds"]["export"] = time.perf_counter() - t
-    manifest["seconds"]["total"] = time.perf_counter() - t0
-    return model, manifest
+        manifest.seconds["export"] = time.perf_counter() - t
+    manifest.seconds["total"] = time.perf_counter() - t0
+    return model, manifest.to_dict()
 
 
 def _streaming(stream: bool | str, path: str | None, config, out) -> bool:
@@ -355,14 +354,14 @@ def _compress_streamed(
             engine_cfg, prune_cfg, quant, format, model_name, run_dtype, calib_set,
             result.report, command, timings,
         )  # fmt: skip
-        manifest["settings"]["stream"] = True
+        manifest.settings["stream"] = True
         if result.checkpoint_format is not None:
-            manifest["quantization"]["checkpoint_format"] = result.checkpoint_format
+            manifest.quantization.checkpoint_format = result.checkpoint_format
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        manifest["seconds"]["total"] = time.perf_counter() - t0
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    return None, manifest
+        manifest.seconds["total"] = time.perf_counter() - t0
+        manifest.write(tmp)
+    return None, manifest.to_dict()
 
 
 def _setting(key: str, prune_cfg: PruneConfig, quant: QuantConfig | None):
@@ -379,7 +378,7 @@ def _manifest(
     engine_cfg: EngineConfig, prune_cfg: PruneConfig, quant: QuantConfig | None, format: str,
     model_name, run_dtype: torch.dtype, calib_set, report, command: str | None,
     timings: dict[str, float],
-) -> dict:  # fmt: skip
+) -> RunManifest:  # fmt: skip
     spec = get_method(engine_cfg.method)
     settings = {
         "true_sequential": engine_cfg.true_sequential,
@@ -389,36 +388,28 @@ def _manifest(
         "dtype": str(run_dtype).removeprefix("torch."),
     }
     settings.update({k: _setting(k, prune_cfg, quant) for k in spec.settings})
-    manifest = {
-        "tool": "polyprune",
-        "version": _version(),
-        "command": command or f"polyprune.{spec.kind}()",
-        "model": str(model_name),
+    return RunManifest(
+        tool="polyprune",
+        version=_version(),
+        command=command or f"polyprune.{spec.kind}()",
+        model=str(model_name),
         # e.g. a GGUF converted in the cache: which file, which quantisation (Q4_K_M, ...)
-        "source": model_source(model_name),
-        "kind": spec.kind,
-        "method": spec.name,
-        "settings": settings,
-        "quantization": None,
-        "calibration": calib_set.manifest() if calib_set else None,
-        "achieved_sparsity": report.overall_sparsity(),
-        "layers": {
+        source=model_source(model_name),
+        kind=spec.kind,
+        method=spec.name,
+        settings=settings,
+        quantization=None if quant is None else QuantizationRecord(
+            quant.bits, quant.group_size, quant.sym, quant.act_order, quant.static_groups, format
+        ),
+        calibration=calib_set.manifest() if calib_set else None,
+        achieved_sparsity=report.overall_sparsity(),
+        layers={
             r.name: {k: v for k, v in asdict(r).items() if k != "name"} for r in report.layers
         },
-        "seconds": timings,
-        "environment": {
+        seconds=timings,
+        environment={
             "python": sys.version.split()[0],
             "torch": torch.__version__,
             "platform": platform.platform(),
         },
-    }
-    if quant is not None:
-        manifest["quantization"] = {
-            "bits": quant.bits,
-            "group_size": quant.group_size,
-            "sym": quant.sym,
-            "act_order": quant.act_order,
-            "static_groups": quant.static_groups,
-            "format": format,
-        }
-    return manifest
+    )  # fmt: skip

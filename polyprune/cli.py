@@ -432,22 +432,23 @@ def _cmd_quantize(args) -> int:
 
 
 def _summary(manifest: dict, out: str) -> None:
-    cal = manifest["calibration"]
-    q = manifest.get("quantization")
-    what = manifest["settings"].get("pattern", "")
+    from polyprune.compress.manifest import RunManifest
+
+    m = RunManifest.from_dict(manifest)
+    cal, q = m.calibration, m.quantization
+    what = m.settings.get("pattern", "")
     if q:
-        what = f"{what + ', ' if what else ''}{q['bits']}-bit, group {q['group_size']}, "
-        what += f"{'sym' if q['sym'] else 'asym'}{', act-order' if q['act_order'] else ''}"
-    print(f"method      {manifest['method']} ({what})")
+        what = f"{what + ', ' if what else ''}{q.bits}-bit, group {q.group_size}, "
+        what += f"{'sym' if q.sym else 'asym'}{', act-order' if q.act_order else ''}"
+    print(f"method      {m.method} ({what})")
     if cal:
         counts = ", ".join(f"{k} {v}" for k, v in cal["counts"].items())
         print(f"calibration {cal['mix']}: {counts} windows x {cal['seqlen']} tokens")
-    label = "zeros" if manifest["kind"] == "quantize" else "sparsity"
-    print(f"{label:<12}{manifest['achieved_sparsity']:.4f} of {len(manifest['layers'])} Linears")
+    label = "zeros" if m.kind == "quantize" else "sparsity"
+    print(f"{label:<12}{m.achieved_sparsity:.4f} of {len(m.layers)} Linears")
     if q:
-        fmt = q["format"] + (f" ({q['checkpoint_format']})" if "checkpoint_format" in q else "")
-        print(f"format      {fmt}")
-    print(f"time        {manifest['seconds']['total']:.1f} s")
+        print(f"format      {q.format}{f' ({q.checkpoint_format})' if q.checkpoint_format else ''}")
+    print(f"time        {m.seconds['total']:.1f} s")
     print(f"written to  {out}")
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from polyprune.compress.manifest import MANIFEST, MASKS, RunManifest
 from polyprune.compress.masks import unpack_mask
 from polyprune.compress.outputs import (
     check_not_source,
@@ -48,8 +49,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-MANIFEST = "polyprune.json"
-MASKS = "masks.safetensors"
 FORMATS = ("dense", "gptq")
 
 
@@ -158,7 +157,7 @@ def save_compressed(
     model,
     tokenizer,
     out: str | os.PathLike,
-    manifest: dict,
+    manifest: RunManifest,
     masks: dict | None = None,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
@@ -175,9 +174,8 @@ def save_compressed(
             # Saved in the checkpoint's own dtype; the model object is cast back afterwards,
             # so what the caller holds equals what is on disk.
             if format == "gptq":
-                version = manifest.get("version", "")
-                fmt = save_gptq(model, tmp, quant, quant_cfg, version, dtype)
-                manifest.setdefault("quantization", {})["checkpoint_format"] = fmt
+                fmt = save_gptq(model, tmp, quant, quant_cfg, manifest.version, dtype)
+                manifest.quantization.checkpoint_format = fmt
             else:
                 if quant:  # dequantised weights are exact in fp32 only (fp16 scale x integer)
                     dtype = torch.float32
@@ -189,7 +187,7 @@ def save_compressed(
                 tokenizer.save_pretrained(tmp)
             if masks:
                 save_masks(tmp / MASKS, masks)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+            manifest.write(tmp)
     finally:
         model.to(run_dtype)
         _restore_buffers(model, buffers)

@@ -388,22 +388,23 @@ class CellResult:
 
 def _manifest_matches(out: Path, cell: Cell) -> bool:
     """Whether ``out`` holds a finished compression of exactly this cell's settings."""
+    from polyprune.compress.manifest import RunManifest
     from polyprune.models import resolve_model_path
 
     try:
-        m = json.loads((out / "polyprune.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        m = RunManifest.from_dir(out)
+    except InputError:  # none, unreadable, or not a manifest: compress again
         return False
     cc = cell.compress_config()
-    ok = m.get("method") == cell.method and m.get("model") == resolve_model_path(cell.model)
+    ok = m.method == cell.method and m.model == resolve_model_path(cell.model)
     if cell.method in PRUNE_METHODS:
-        s = m.get("settings", {})
+        s = m.settings
         ok &= s.get("sparsity") == cell.sparsity and s.get("pattern") == cc["pattern"]
     else:
-        q = m.get("quantization") or {}
-        ok &= q.get("bits") == cell.bits and q.get("group_size") == cc["group_size"]
+        q = m.quantization
+        ok &= q is not None and q.bits == cell.bits and q.group_size == cc["group_size"]
     if cell.mix is not None:
-        cal = m.get("calibration") or {}
+        cal = m.calibration or {}
         want = {"mix": cell.mix, "seed": cell.seed, "nsamples": cc["nsamples"],
                 "windows": WINDOWS_PROTOCOL,
                 "seqlen": cc["seqlen"], "sampling": cc["sampling"]}  # fmt: skip
