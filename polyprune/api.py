@@ -50,7 +50,6 @@ from polyprune.data.sources import get_source
 from polyprune.errors import InputError
 from polyprune.gguf import model_source
 from polyprune.models import (
-    _dtype,
     find_blocks,
     get_weight,
     linear_layers,
@@ -58,7 +57,9 @@ from polyprune.models import (
     load_model,
     load_tokenizer,
     max_positions,
+    resolve_dtype,
     resolve_model_path,
+    skeleton,
 )
 
 __all__ = ["compress", "model_dirs", "prune", "quantize"]
@@ -121,14 +122,6 @@ def quantize(
     get_method(method, "quantize")
     quant = QuantConfig(bits, group_size, sym, act_order, static_groups, blocksize, percdamp)
     return compress(model, method, quant=quant, format=format, **kw)
-
-
-def _skeleton(config) -> nn.Module:
-    """The model's modules on the meta device: shapes without weights, in milliseconds."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def _check_widths(model: nn.Module, cfg: EngineConfig, format: str) -> None:
@@ -308,7 +301,7 @@ def _check_fits(target: _Target, cfg: EngineConfig, format: str, seqlen: int | N
     limit = max_positions(target.config)
     if seqlen is not None and limit is not None and seqlen > limit:
         raise InputError(f"seqlen {seqlen} is above the model's maximum positions ({limit})")
-    model = target.model if target.model is not None else _skeleton(target.config)
+    model = target.model if target.model is not None else skeleton(target.config)
     _check_widths(model, cfg, format)
 
 
@@ -347,7 +340,7 @@ def _run_engine(
     model (None when streamed), the engine's report, the run dtype and the GPTQ format."""
     if target.streaming:
         source_dtype = _source_dtype(target.config)
-        run_dtype = _dtype(dtype, cfg.device)
+        run_dtype = resolve_dtype(dtype, cfg.device)
         if run_dtype == "auto":
             run_dtype = source_dtype or torch.float32
         writer = spec.writer(tmp, source_dtype, run_dtype)

@@ -103,7 +103,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "safetensors checkpoint); --no-stream loads the whole model in memory",
     )
     p.add_argument(
-        "--max-shard-size", default="5GB", help="output shard size when streaming (e.g. 2GB)"
+        "--max-shard-size", default="5GB", help="largest output safetensors shard (e.g. 2GB)"
     )
     p.add_argument(
         "--true-sequential",

@@ -29,8 +29,10 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "max_positions",
+    "resolve_dtype",
     "resolve_model_path",
     "set_weight",
+    "skeleton",
 ]
 
 logger = logging.getLogger(__name__)
@@ -278,3 +280,17 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
     """Linear sub-layers of a block by their name relative to the block."""
     return {name: m for name, m in block.named_modules() if name and is_linear(m)}
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype | str:
+    """The dtype ``--dtype name`` runs in on ``device``: a torch dtype, or "auto" (the
+    checkpoint's own). The public name of the rule ``load_model`` applies."""
+    return _dtype(name, device)
+
+
+def skeleton(config) -> nn.Module:
+    """The model's modules on the meta device: shapes without weights, in milliseconds."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

@@ -475,7 +475,6 @@ def _iou_metrics(runs: list[Run]) -> dict:
 def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, tokenizer=None) -> dict:
     """Every diagnostic of ``cfg.metrics`` for ``dense`` (hub id, directory or ``demo``) and
     the compressed output directories; returns the metrics dict written as metrics.json."""
-    from polyprune.api import _skeleton
     from polyprune.data.sources import get_source
     from polyprune.models import (
         find_blocks,
@@ -483,6 +482,7 @@ def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, token
         load_model,
         load_tokenizer,
         max_positions,
+        skeleton,
     )
 
     if not compressed:
@@ -495,11 +495,11 @@ def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, token
     limit = max_positions(config)  # longer windows run past the position embeddings
     if limit is not None and cfg.seqlen > limit:
         raise InputError(f"--seqlen {cfg.seqlen} is above the model's maximum positions ({limit})")
-    skeleton = _skeleton(config)
-    n_blocks = len(find_blocks(skeleton)[1])
+    meta = skeleton(config)  # shapes only, no weights
+    n_blocks = len(find_blocks(meta)[1])
     check_runs_match(dense, config, runs)
     try:
-        gated_mlps(skeleton)
+        gated_mlps(meta)
         gated = True
     except ValueError:
         gated = False
@@ -507,7 +507,7 @@ def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, token
     if not metrics:
         raise InputError("no metric can run on these inputs")
     if "iou" in metrics:
-        check_masks(runs, skeleton, MASKS)
+        check_masks(runs, meta, MASKS)
     tok = tokenizer or load_tokenizer(dense)
     needs_pass = bool({"snr", "error", "lsar", "lape"} & set(metrics))
     result: dict = {
