@@ -267,7 +267,8 @@ def compress_checkpoint(
 ) -> StreamResult:
     """Compress the checkpoint in ``path`` into ``writer`` (weights, config, masks; no
     tokenizer or manifest), one decoder block in memory at a time. Blocks run in ``run_dtype``
-    on ``cfg.device`` and are written as they are released."""
+    on ``cfg.device`` and are written as they are released. (Over 80 lines: the engine's
+    load / release / capture are closures sharing the checkpoint, skeleton and report.)"""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
