@@ -6,39 +6,37 @@ the calibration windows, runs the engine, and writes the output.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-import json
 import logging
 import os
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from polyprune.checks import check_device, check_dtype
-from polyprune.compress.engine import (
-    METHODS,
-    QUANT_METHODS,
-    EngineConfig,
-    check_widths,
-    compress_model,
-)
+from polyprune.compress.engine import EngineConfig, EngineReport, check_widths, compress_model
 from polyprune.compress.export import (
     FORMATS,
-    MANIFEST,
+    CheckpointWriter,
     check_not_source,
     check_output_dir,
     check_writable,
+    output_dtype,
     output_lock,
-    save_compressed,
     staged_output,
+    write_model,
 )
 from polyprune.compress.gptq_format import check_packable
+from polyprune.compress.manifest import QuantizationRecord, RunManifest
 from polyprune.compress.masks import Pattern
+from polyprune.compress.methods import get_method
 from polyprune.compress.quant import QuantConfig
 from polyprune.compress.solver import PruneConfig
 from polyprune.compress.stream import (
@@ -52,7 +50,6 @@ from polyprune.data.sources import get_source
 from polyprune.errors import InputError
 from polyprune.gguf import model_source
 from polyprune.models import (
-    _dtype,
     find_blocks,
     get_weight,
     linear_layers,
@@ -60,7 +57,9 @@ from polyprune.models import (
     load_model,
     load_tokenizer,
     max_positions,
+    resolve_dtype,
     resolve_model_path,
+    skeleton,
 )
 
 __all__ = ["compress", "model_dirs", "prune", "quantize"]
@@ -89,8 +88,7 @@ def prune(
     ``calib``; with ``bits`` (SparseGPT only) also quantise in the same pass. Returns the
     pruned model and its manifest; writes ``out`` if given. See :func:`compress` for the rest.
     """
-    if method not in ("magnitude", "wanda", "sparsegpt"):
-        raise InputError(f"unknown method {method!r}; allowed: magnitude, wanda, sparsegpt")
+    get_method(method, "prune")
     pat = Pattern.parse(pattern)
     if sparsity is None:  # N:M implies its sparsity; unstructured defaults to 50%
         sparsity = pat.sparsity if pat.structured else 0.5
@@ -121,18 +119,9 @@ def quantize(
     returned holds the dequantised weights; ``out`` gets the packed GPTQ checkpoint
     (``format="gptq"``) or an ordinary HF checkpoint of the dequantised weights (``"dense"``).
     """
-    if method not in QUANT_METHODS:
-        raise InputError(f"unknown method {method!r}; allowed: {', '.join(QUANT_METHODS)}")
+    get_method(method, "quantize")
     quant = QuantConfig(bits, group_size, sym, act_order, static_groups, blocksize, percdamp)
     return compress(model, method, quant=quant, format=format, **kw)
-
-
-def _skeleton(config) -> nn.Module:
-    """The model's modules on the meta device: shapes without weights, in milliseconds."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def _check_widths(model: nn.Module, cfg: EngineConfig, format: str) -> None:
@@ -174,6 +163,18 @@ def model_dirs(model) -> list[str]:
     return [spec] if os.path.isdir(spec) else []
 
 
+@dataclass
+class _Target:
+    """The model a run compresses, as far as known before its weights load."""
+
+    model: nn.Module | None  # a model object given by the caller
+    path: str | None  # its checkpoint otherwise
+    config: object
+    name: str
+    tokenizer: object | None
+    streaming: bool
+
+
 @_holding_output_lock
 def compress(
     model: str | os.PathLike | nn.Module,
@@ -201,7 +202,7 @@ def compress(
     overwrite: bool = False,
     progress: bool = True,
     command: str | None = None,
-) -> tuple[nn.Module, dict]:
+) -> tuple[nn.Module | None, dict]:
     """Compress ``model`` in place with ``method``; every input is checked before any work:
     an impossible setting fails in milliseconds, not after an hour of calibration.
 
@@ -212,102 +213,160 @@ def compress(
     and ``out`` is given. ``offload`` (auto, none, cpu, disk) places the calibration
     activations; disk memory-maps them in ``offload_dir``."""
     t0 = time.perf_counter()
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-    if format not in FORMATS:
-        raise InputError(f"unknown format {format!r}; allowed: {', '.join(FORMATS)}")
-    if format == "gptq" and quant is None:
-        raise InputError("--format gptq needs quantised weights (--bits with sparsegpt)")
-    check_device(device)
-    check_dtype(dtype)
     prune_cfg = prune_cfg or PruneConfig()
     engine_cfg = EngineConfig(
         method=method, prune=prune_cfg, device=device, batch_size=batch_size, offload=offload,
         offload_dir=offload_dir, true_sequential=true_sequential, keep_masks=save_masks,
         progress=progress, quant=quant,
     )  # fmt: skip
+    mix = _check_settings(engine_cfg, format, dtype, stream, calib, source, nsamples, seqlen,
+                          seed, sampling)  # fmt: skip
     max_shard_bytes = parse_size(max_shard_size)
-    if stream not in (True, False, "auto"):
-        raise InputError(f"stream must be True, False or 'auto', not {stream!r}")
-    needs_data = METHODS[method].stat is not None
-    mix = None
-    if needs_data:
-        check_calibration(nsamples, seqlen, seed, sampling)
-        if calib is None:
-            raise InputError(f"method {method} needs a calibration mix (--calib)")
-        mix = calib if isinstance(calib, CalibrationMix) else CalibrationMix.parse(calib)
-        mix.counts(nsamples)
-        src = get_source(source)
-        for lang in mix.langs:
-            src.check_language(lang)
     if out is not None:
         check_output_dir(out, overwrite)
         check_not_source(out, model_dirs(model))
         check_writable(os.path.dirname(os.path.abspath(out)))
+    target = _target(model, tokenizer, stream, out)
+    _check_fits(target, engine_cfg, format, seqlen if mix is not None else None)
 
-    # Config (max positions), tokenizer, then the calibration windows (too little text): all
-    # before the weights are loaded.
     timings: dict[str, float] = {}
-    path = None
+    calib_set = None
+    if mix is not None:
+        t = time.perf_counter()
+        calib_set = _calibration_set(target, mix, source, nsamples, seqlen, seed, sampling)
+        timings["calibration_data"] = time.perf_counter() - t
+    input_ids = calib_set.input_ids if calib_set else None
+
+    spec = _OutputSpec(format, quant, max_shard_bytes, save_masks)
+    staged = staged_output(out, overwrite) if out is not None else contextlib.nullcontext()
+    with staged as tmp:
+        model, report, run_dtype, checkpoint_format = _run_engine(
+            target, input_ids, engine_cfg, dtype, tmp, spec, timings
+        )
+        timings.update({f"engine_{k}": v for k, v in report.seconds.items()})
+        manifest = _manifest(engine_cfg, prune_cfg, quant, format, target.name, run_dtype,
+                             calib_set, report, command, timings, target.streaming,
+                             checkpoint_format)  # fmt: skip
+        timings["total"] = time.perf_counter() - t0
+        if tmp is not None:
+            _write_run_files(tmp, target.tokenizer, manifest)
+    return model, manifest.to_dict()
+
+
+def _check_settings(
+    cfg: EngineConfig, format: str, dtype: str, stream, calib, source: str, nsamples: int,
+    seqlen: int, seed: int, sampling: str,
+) -> CalibrationMix | None:  # fmt: skip
+    """Every setting that needs neither the model nor the text; returns the calibration mix
+    (None for a data-free method)."""
+    if format not in FORMATS:
+        raise InputError(f"unknown format {format!r}; allowed: {', '.join(FORMATS)}")
+    if format == "gptq" and cfg.quant is None:
+        raise InputError("--format gptq needs quantised weights (--bits with sparsegpt)")
+    check_device(cfg.device)
+    check_dtype(dtype)
+    if stream not in (True, False, "auto"):
+        raise InputError(f"stream must be True, False or 'auto', not {stream!r}")
+    if get_method(cfg.method).data_free:
+        return None
+    check_calibration(nsamples, seqlen, seed, sampling)
+    if calib is None:
+        raise InputError(f"method {cfg.method} needs a calibration mix (--calib)")
+    mix = calib if isinstance(calib, CalibrationMix) else CalibrationMix.parse(calib)
+    mix.counts(nsamples)
+    src = get_source(source)
+    for lang in mix.langs:
+        src.check_language(lang)
+    return mix
+
+
+def _target(model, tokenizer, stream, out) -> _Target:
+    """The model's config (max positions) and tokenizer, before its weights load."""
     if isinstance(model, nn.Module):
         config = model.config
-        model_name = getattr(config, "name_or_path", None) or type(model).__name__
-    else:
-        path = resolve_model_path(model)
-        config, model_name = load_config(path), path
-        if tokenizer is None:
-            tokenizer = load_tokenizer(path)
+        name = getattr(config, "name_or_path", None) or type(model).__name__
+        return _Target(model, None, config, name, tokenizer,
+                       _streaming(stream, None, config, out))  # fmt: skip
+    path = resolve_model_path(model)
+    config = load_config(path)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
     streaming = _streaming(stream, path, config, out)
     if streaming:
         path = local_checkpoint(path)
-    limit = max_positions(config)
-    if needs_data and limit is not None and seqlen > limit:
+    return _Target(None, path, config, path, tokenizer, streaming)
+
+
+def _check_fits(target: _Target, cfg: EngineConfig, format: str, seqlen: int | None) -> None:
+    """Settings against the model's config and Linears (its skeleton: no weights)."""
+    limit = max_positions(target.config)
+    if seqlen is not None and limit is not None and seqlen > limit:
         raise InputError(f"seqlen {seqlen} is above the model's maximum positions ({limit})")
-    _check_widths(model if path is None else _skeleton(config), engine_cfg, format)
+    model = target.model if target.model is not None else skeleton(target.config)
+    _check_widths(model, cfg, format)
 
-    calib_set = None
-    if needs_data:
-        if tokenizer is None:
-            raise InputError("a tokenizer is needed to calibrate a model object; pass tokenizer=")
+
+def _calibration_set(target: _Target, mix, source, nsamples, seqlen, seed, sampling):
+    if target.tokenizer is None:
+        raise InputError("a tokenizer is needed to calibrate a model object; pass tokenizer=")
+    calib_set = build_calibration_set(mix, target.tokenizer, source, nsamples, seqlen, seed,
+                                      sampling)  # fmt: skip
+    logger.info(
+        "calibration: %s (%s), %d x %d tokens, %s sampling, fingerprint %s",
+        calib_set.mix, ", ".join(f"{k} {v}" for k, v in calib_set.counts.items()),
+        calib_set.nsamples, seqlen, sampling, calib_set.fingerprint,
+    )  # fmt: skip
+    return calib_set
+
+
+@dataclass(frozen=True)
+class _OutputSpec:
+    format: str
+    quant: QuantConfig | None
+    max_shard_bytes: int
+    save_masks: bool
+
+    def writer(self, directory: Path, source_dtype, run_dtype: torch.dtype) -> CheckpointWriter:
+        dtype = output_dtype(self.format, self.quant, source_dtype, run_dtype)
+        return CheckpointWriter(directory, self.format, dtype, self.quant, self.max_shard_bytes,
+                                self.save_masks)  # fmt: skip
+
+
+def _run_engine(
+    target: _Target, input_ids, cfg: EngineConfig, dtype: str, tmp: Path | None,
+    spec: _OutputSpec, timings: dict[str, float],
+) -> tuple[nn.Module | None, EngineReport, torch.dtype, str | None]:  # fmt: skip
+    """Compress the model and, with an output folder ``tmp``, write its weights there:
+    streamed block by block, or loaded (unless given), compressed and written. Returns the
+    model (None when streamed), the engine's report, the run dtype and the GPTQ format."""
+    if target.streaming:
+        source_dtype = _source_dtype(target.config)
+        run_dtype = resolve_dtype(dtype, cfg.device, source_dtype)
+        if run_dtype == "auto":
+            run_dtype = source_dtype or torch.float32
+        writer = spec.writer(tmp, source_dtype, run_dtype)
+        result = compress_checkpoint(target.path, input_ids, cfg, writer, run_dtype, _version())
+        return None, result.report, run_dtype, result.checkpoint_format
+    model, source_dtype = target.model, None
+    if model is None:
         t = time.perf_counter()
-        calib_set = build_calibration_set(mix, tokenizer, source, nsamples, seqlen, seed, sampling)
-        timings["calibration_data"] = time.perf_counter() - t
-        logger.info(
-            "calibration: %s (%s), %d x %d tokens, %s sampling, fingerprint %s",
-            calib_set.mix, ", ".join(f"{k} {v}" for k, v in calib_set.counts.items()),
-            calib_set.nsamples, seqlen, sampling, calib_set.fingerprint,
-        )  # fmt: skip
-
-    if streaming:
-        return _compress_streamed(
-            path, config, model_name, tokenizer, calib_set, engine_cfg, prune_cfg, quant,
-            dtype, format, max_shard_bytes, out, overwrite, command, timings, t0,
-        )  # fmt: skip
-
-    source_dtype = None
-    if path is not None:
-        t = time.perf_counter()
-        loaded = load_model(path, device=device, dtype=dtype, tokenizer=False)
+        loaded = load_model(target.path, device=cfg.device, dtype=dtype, tokenizer=False)
         model, source_dtype = loaded.model, loaded.source_dtype
         timings["load"] = time.perf_counter() - t
-    report = compress_model(model, calib_set.input_ids if calib_set else None, engine_cfg)
-    timings.update({f"engine_{k}": v for k, v in report.seconds.items()})
-
-    run_dtype = next(model.parameters()).dtype
-    manifest = _manifest(
-        engine_cfg, prune_cfg, quant, format, model_name, run_dtype, calib_set, report,
-        command, timings,
-    )  # fmt: skip
-    if out is not None:
+    report = compress_model(model, input_ids, cfg)
+    run_dtype, checkpoint_format = next(model.parameters()).dtype, None
+    if tmp is not None:
         t = time.perf_counter()
-        save_compressed(
-            model, tokenizer, out, manifest, masks=report.masks if save_masks else None,
-            overwrite=overwrite, dtype=source_dtype, format=format, quant=report.quant,
-            quant_cfg=quant,
-        )  # fmt: skip
-        manifest["seconds"]["export"] = time.perf_counter() - t
-    manifest["seconds"]["total"] = time.perf_counter() - t0
-    return model, manifest
+        writer = spec.writer(tmp, source_dtype, run_dtype)
+        checkpoint_format = write_model(model, writer, report.quant, report.masks, _version())
+        timings["export"] = time.perf_counter() - t
+    return model, report, run_dtype, checkpoint_format
+
+
+def _write_run_files(directory: Path, tokenizer, manifest: RunManifest) -> None:
+    """What every output holds beside its weights: the tokenizer and the manifest."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    manifest.write(directory)
 
 
 def _streaming(stream: bool | str, path: str | None, config, out) -> bool:
@@ -337,48 +396,22 @@ def _source_dtype(config) -> torch.dtype | None:
     return src if isinstance(src, torch.dtype) else getattr(torch, str(src), None)
 
 
-def _compress_streamed(
-    path, config, model_name, tokenizer, calib_set, engine_cfg: EngineConfig,
-    prune_cfg: PruneConfig, quant: QuantConfig | None, dtype: str, format: str,
-    max_shard_bytes: int, out, overwrite: bool, command: str | None,
-    timings: dict[str, float], t0: float,
-) -> tuple[None, dict]:  # fmt: skip
-    """The checkpoint in ``path`` compressed block by block into ``out``; see ``stream.py``."""
-    source_dtype = _source_dtype(config)
-    run_dtype = _dtype(dtype, engine_cfg.device, source_dtype)
-    if run_dtype == "auto":
-        run_dtype = source_dtype or torch.float32
-    if quant is not None and format == "dense":  # dequantised weights are exact in fp32 only
-        out_dtype = torch.float32
-    else:
-        out_dtype = source_dtype or (torch.float16 if format == "gptq" else run_dtype)
-    with staged_output(out, overwrite) as tmp:
-        result = compress_checkpoint(
-            path, calib_set.input_ids if calib_set else None, engine_cfg, tmp, run_dtype,
-            out_dtype, format=format, max_shard_bytes=max_shard_bytes,
-            save_masks=engine_cfg.keep_masks, version=_version(),
-        )  # fmt: skip
-        timings.update({f"engine_{k}": v for k, v in result.report.seconds.items()})
-        manifest = _manifest(
-            engine_cfg, prune_cfg, quant, format, model_name, run_dtype, calib_set,
-            result.report, command, timings,
-        )  # fmt: skip
-        manifest["settings"]["stream"] = True
-        if result.checkpoint_format is not None:
-            manifest["quantization"]["checkpoint_format"] = result.checkpoint_format
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        manifest["seconds"]["total"] = time.perf_counter() - t0
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    return None, manifest
+def _setting(key: str, prune_cfg: PruneConfig, quant: QuantConfig | None):
+    """The value of manifest setting ``key`` (a method's ``settings``); the column block and
+    damping are the quantiser's when there is one (joint SparseGPT + GPTQ)."""
+    if key == "sparsity":
+        return prune_cfg.sparsity
+    if key == "pattern":
+        return str(prune_cfg.pattern)
+    return getattr(quant or prune_cfg, key)
 
 
 def _manifest(
     engine_cfg: EngineConfig, prune_cfg: PruneConfig, quant: QuantConfig | None, format: str,
     model_name, run_dtype: torch.dtype, calib_set, report, command: str | None,
-    timings: dict[str, float],
-) -> dict:  # fmt: skip
-    method = engine_cfg.method
+    timings: dict[str, float], streamed: bool = False, checkpoint_format: str | None = None,
+) -> RunManifest:  # fmt: skip
+    spec = get_method(engine_cfg.method)
     settings = {
         "true_sequential": engine_cfg.true_sequential,
         "batch_size": engine_cfg.batch_size,
@@ -386,41 +419,32 @@ def _manifest(
         "offload": engine_cfg.offload,
         "dtype": str(run_dtype).removeprefix("torch."),
     }
-    if method not in QUANT_METHODS:
-        settings.update(sparsity=prune_cfg.sparsity, pattern=str(prune_cfg.pattern))
-    if method == "sparsegpt" or method == "gptq":
-        settings.update(blocksize=(quant or prune_cfg).blocksize,
-                        percdamp=(quant or prune_cfg).percdamp)  # fmt: skip
-    manifest = {
-        "tool": "polyprune",
-        "version": _version(),
-        "command": command or f"polyprune.{'quantize' if method in QUANT_METHODS else 'prune'}()",
-        "model": str(model_name),
+    settings.update({k: _setting(k, prune_cfg, quant) for k in spec.settings})
+    if streamed:
+        settings["stream"] = True
+    return RunManifest(
+        tool="polyprune",
+        version=_version(),
+        command=command or f"polyprune.{spec.kind}()",
+        model=str(model_name),
         # e.g. a GGUF converted in the cache: which file, which quantisation (Q4_K_M, ...)
-        "source": model_source(model_name),
-        "kind": "quantize" if method in QUANT_METHODS else "prune",
-        "method": method,
-        "settings": settings,
-        "quantization": None,
-        "calibration": calib_set.manifest() if calib_set else None,
-        "achieved_sparsity": report.overall_sparsity(),
-        "layers": {
+        source=model_source(model_name),
+        kind=spec.kind,
+        method=spec.name,
+        settings=settings,
+        quantization=None if quant is None else QuantizationRecord(
+            quant.bits, quant.group_size, quant.sym, quant.act_order, quant.static_groups, format,
+            checkpoint_format,
+        ),
+        calibration=calib_set.manifest() if calib_set else None,
+        achieved_sparsity=report.overall_sparsity(),
+        layers={
             r.name: {k: v for k, v in asdict(r).items() if k != "name"} for r in report.layers
         },
-        "seconds": timings,
-        "environment": {
+        seconds=timings,
+        environment={
             "python": sys.version.split()[0],
             "torch": torch.__version__,
             "platform": platform.platform(),
         },
-    }
-    if quant is not None:
-        manifest["quantization"] = {
-            "bits": quant.bits,
-            "group_size": quant.group_size,
-            "sym": quant.sym,
-            "act_order": quant.act_order,
-            "static_groups": quant.static_groups,
-            "format": format,
-        }
-    return manifest
+    )  # fmt: skip

@@ -13,6 +13,7 @@ import shlex
 import signal
 import sys
 
+from polyprune.compress.methods import Kind, allowed, get_method, method_names, methods
 from polyprune.errors import InputError, one_line
 
 __all__ = ["main"]
@@ -108,7 +109,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "safetensors checkpoint); --no-stream loads the whole model in memory",
     )
     p.add_argument(
-        "--max-shard-size", default="5GB", help="output shard size when streaming (e.g. 2GB)"
+        "--max-shard-size", default="5GB", help="largest output safetensors shard (e.g. 2GB)"
     )
     p.add_argument(
         "--true-sequential",
@@ -136,6 +137,16 @@ def _add_grid_args(p: argparse.ArgumentParser) -> None:
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid")
 
 
+def _add_method_arg(p: argparse.ArgumentParser, kind: Kind) -> None:
+    """``--method``: the registry's methods of ``kind``, each with its one-line help."""
+    p.add_argument(
+        "--method",
+        required=True,
+        choices=method_names(kind),
+        help="; ".join(f"{s.name}: {s.help}" for s in methods(kind)),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="polyprune", description=__doc__.splitlines()[0])
     _add_verbosity(ap, False)
@@ -150,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="hub id, local HF directory, .gguf file, demo or gemma-3-270m",
     )
-    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"])
+    _add_method_arg(p, "prune")
     p.add_argument(
         "--sparsity",
         type=float,
@@ -164,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bits",
         type=int,
         default=None,
-        help="with sparsegpt: also quantise to 2, 3, 4 or 8 bits in the same pass",
+        help=f"with {allowed([s.name for s in methods('prune') if s.joint_quant], ' or ')}: "
+        "also quantise to 2, 3, 4 or 8 bits in the same pass",
     )
     _add_grid_args(p)
     p.add_argument(
@@ -181,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="hub id, local HF directory, .gguf file, demo or gemma-3-270m",
     )
-    q.add_argument("--method", required=True, choices=["gptq", "rtn"])
+    _add_method_arg(q, "quantize")
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
     _add_grid_args(q)
     q.add_argument(
@@ -386,9 +398,13 @@ def _common(args) -> dict:
     }
 
 
-def _warn_unused_calibration(args) -> None:
-    """A data-free method (magnitude, rtn) reads no text: say so once if calibration flags
-    were given, rather than ignoring them silently."""
+def _check_calibration_flags(args) -> None:
+    """A calibrating method needs ``--calib``; a data-free one (magnitude, rtn) reads no text:
+    say so once if calibration flags were given, rather than ignoring them silently."""
+    if not get_method(args.method).data_free:
+        if not args.calib:
+            raise InputError(f"--method {args.method} needs --calib MIX (e.g. --calib de,en)")
+        return
     given = getattr(args, "given", None) or {}
     flags = [given[d] for d in CALIB_DESTS if d in given]
     if flags:
@@ -400,10 +416,7 @@ def _warn_unused_calibration(args) -> None:
 def _cmd_prune(args) -> int:
     from polyprune.api import prune
 
-    if args.method != "magnitude" and not args.calib:
-        raise InputError(f"--method {args.method} needs --calib MIX (e.g. --calib de,en)")
-    if args.method == "magnitude":
-        _warn_unused_calibration(args)
+    _check_calibration_flags(args)
     _, manifest = prune(
         args.model, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
         save_masks=args.save_masks, **_common(args),
@@ -415,10 +428,7 @@ def _cmd_prune(args) -> int:
 def _cmd_quantize(args) -> int:
     from polyprune.api import quantize
 
-    if args.method == "gptq" and not args.calib:
-        raise InputError("--method gptq needs --calib MIX (e.g. --calib de,en)")
-    if args.method == "rtn":
-        _warn_unused_calibration(args)
+    _check_calibration_flags(args)
     _, manifest = quantize(
         args.model, method=args.method, act_order=args.act_order,
         static_groups=args.static_groups, **_common(args),
@@ -428,22 +438,23 @@ def _cmd_quantize(args) -> int:
 
 
 def _summary(manifest: dict, out: str) -> None:
-    cal = manifest["calibration"]
-    q = manifest.get("quantization")
-    what = manifest["settings"].get("pattern", "")
+    from polyprune.compress.manifest import RunManifest
+
+    m = RunManifest.from_dict(manifest)
+    cal, q = m.calibration, m.quantization
+    what = m.settings.get("pattern", "")
     if q:
-        what = f"{what + ', ' if what else ''}{q['bits']}-bit, group {q['group_size']}, "
-        what += f"{'sym' if q['sym'] else 'asym'}{', act-order' if q['act_order'] else ''}"
-    print(f"method      {manifest['method']} ({what})")
+        what = f"{what + ', ' if what else ''}{q.bits}-bit, group {q.group_size}, "
+        what += f"{'sym' if q.sym else 'asym'}{', act-order' if q.act_order else ''}"
+    print(f"method      {m.method} ({what})")
     if cal:
         counts = ", ".join(f"{k} {v}" for k, v in cal["counts"].items())
         print(f"calibration {cal['mix']}: {counts} windows x {cal['seqlen']} tokens")
-    label = "zeros" if manifest["kind"] == "quantize" else "sparsity"
-    print(f"{label:<12}{manifest['achieved_sparsity']:.4f} of {len(manifest['layers'])} Linears")
+    label = "zeros" if m.kind == "quantize" else "sparsity"
+    print(f"{label:<12}{m.achieved_sparsity:.4f} of {len(m.layers)} Linears")
     if q:
-        fmt = q["format"] + (f" ({q['checkpoint_format']})" if "checkpoint_format" in q else "")
-        print(f"format      {fmt}")
-    print(f"time        {manifest['seconds']['total']:.1f} s")
+        print(f"format      {q.format}{f' ({q.checkpoint_format})' if q.checkpoint_format else ''}")
+    print(f"time        {m.seconds['total']:.1f} s")
     print(f"written to  {out}")
 
 

@@ -33,9 +33,10 @@ __all__ = [
     "cpu_flags",
     "fast_cpu_dtypes",
     "fast_dtypes_from_flags",
+    "resolve_dtype",
     "resolve_model_path",
-    "run_dtype",
     "set_weight",
+    "skeleton",
 ]
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def fast_cpu_dtypes() -> frozenset[torch.dtype]:
     return frozenset(table[n] for n in names)
 
 
-def run_dtype(
+def resolve_dtype(
     name: str | torch.dtype | None, device: str, source: torch.dtype | None = None
 ) -> torch.dtype | str:
     """The dtype block forwards run in. ``auto`` is the checkpoint's dtype (``source``; "auto"
@@ -163,10 +164,6 @@ def run_dtype(
     if name not in table:
         raise InputError(f"unknown dtype {name!r}; allowed: auto, {', '.join(table)}")
     return table[name]
-
-
-def _dtype(name: str | torch.dtype | None, device: str, source: torch.dtype | None = None):
-    return run_dtype(name, device, source)
 
 
 @dataclass
@@ -230,7 +227,7 @@ def load_model(
     if os.path.isdir(path):
         check_weight_files(path)
     try:
-        dt = run_dtype(
+        dt = resolve_dtype(
             dtype, device, source_dtype if isinstance(source_dtype, torch.dtype) else None
         )
         if isinstance(qc, dict) and qc.get("quant_method") == "gptq":
@@ -363,3 +360,11 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
     """Linear sub-layers of a block by their name relative to the block."""
     return {name: m for name, m in block.named_modules() if name and is_linear(m)}
+
+
+def skeleton(config) -> nn.Module:
+    """The model's modules on the meta device: shapes without weights, in milliseconds."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

@@ -35,7 +35,8 @@ def write_checkpoint(root: Path, args, layers: int) -> None:
     import torch
     from transformers import LlamaConfig
 
-    from polyprune.compress.stream import ShardWriter, parse_size
+    from polyprune.compress.shards import ShardWriter
+    from polyprune.compress.stream import parse_size
 
     H, I, V = args.hidden, args.intermediate, args.vocab
     head_dim = H // args.heads
@@ -73,6 +74,7 @@ def compress(root: Path, args) -> dict:
     import torch
 
     from polyprune.compress.engine import EngineConfig
+    from polyprune.compress.export import CheckpointWriter
     from polyprune.compress.solver import PruneConfig
     from polyprune.compress.stream import compress_checkpoint
 
@@ -88,7 +90,8 @@ def compress(root: Path, args) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = compress_checkpoint(root, ids, cfg, out, run_dtype, torch.bfloat16)
+    result = compress_checkpoint(root, ids, cfg, CheckpointWriter(out, "dense", torch.bfloat16),
+                                 run_dtype)  # fmt: skip
     seconds = time.perf_counter() - t0
     gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None
     return {

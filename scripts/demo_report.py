@@ -7,12 +7,12 @@ python scripts/demo_report.py --dense demo --compressed runs/demo-sparsegpt-de-e
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
+from polyprune.compress.manifest import RunManifest
 from polyprune.errors import InputError
 from polyprune.eval.perplexity import perplexity
 from polyprune.models import load_model
@@ -31,6 +31,7 @@ def main() -> int:
     langs = args.langs.split(",")
     hf_logging.disable_progress_bar()
     try:
+        manifest = RunManifest.from_dir(args.compressed)  # before any weights load
         dense = load_model(args.dense)
         pruned = load_model(args.compressed, tokenizer=False)
         kw = dict(source=args.source, seqlen=args.seqlen, progress=False)
@@ -39,12 +40,11 @@ def main() -> int:
     except InputError as e:
         print(f"demo_report: error: {e}", file=sys.stderr)
         return 2
-    manifest = json.loads((Path(args.compressed) / "polyprune.json").read_text())
-    cal = manifest.get("calibration") or {}
+    cal = manifest.calibration or {}
     print()
     print(
-        f"Held-out perplexity, {args.dense} vs {manifest['method']} "
-        f"{manifest['settings']['pattern']} at sparsity {manifest['achieved_sparsity']:.2f}, "
+        f"Held-out perplexity, {args.dense} vs {manifest.method} "
+        f"{manifest.settings['pattern']} at sparsity {manifest.achieved_sparsity:.2f}, "
         f"calibrated on {cal.get('mix', '-')} ({args.source} corpus)"
     )
     print(f"{'lang':<6}{'tokens':>8}{'dense':>10}{'pruned':>10}{'ratio':>8}")

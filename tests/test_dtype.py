@@ -19,7 +19,7 @@ from polyprune.models import (
     fast_cpu_dtypes,
     fast_dtypes_from_flags,
     load_model,
-    run_dtype,
+    resolve_dtype,
 )
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -34,29 +34,29 @@ def test_fast_dtypes_come_from_the_cpu_feature_flags():
 
 def test_auto_runs_a_bf16_checkpoint_in_bf16_on_a_cpu_with_fast_bf16(monkeypatch):
     monkeypatch.setenv(FAST_DTYPES_ENV, "bfloat16")
-    assert run_dtype("auto", "cpu", BF16) == BF16
+    assert resolve_dtype("auto", "cpu", BF16) == BF16
     # bf16 being fast says nothing of fp16, and fp16 weights do not fit bf16's mantissa.
-    assert run_dtype("auto", "cpu", FP16) == FP32
-    assert run_dtype("auto", "cpu", FP32) == FP32
-    assert run_dtype("auto", "cpu", None) == FP32
+    assert resolve_dtype("auto", "cpu", FP16) == FP32
+    assert resolve_dtype("auto", "cpu", FP32) == FP32
+    assert resolve_dtype("auto", "cpu", None) == FP32
 
 
 def test_auto_falls_back_to_fp32_without_fast_bf16_and_says_why(monkeypatch, caplog):
     monkeypatch.setenv(FAST_DTYPES_ENV, "none")
     with caplog.at_level(logging.INFO, logger="polyprune.models"):
-        assert run_dtype("auto", "cpu", BF16) == FP32
+        assert resolve_dtype("auto", "cpu", BF16) == FP32
     assert "no fast bfloat16 matmul (no avx512_bf16 or amx_bf16)" in caplog.text
 
 
 def test_explicit_dtypes_and_gpus_ignore_the_cpu_detection(monkeypatch):
     monkeypatch.setenv(FAST_DTYPES_ENV, "bfloat16")
-    assert run_dtype("float32", "cpu", BF16) == FP32
-    assert run_dtype("bfloat16", "cpu", FP32) == BF16
+    assert resolve_dtype("float32", "cpu", BF16) == FP32
+    assert resolve_dtype("bfloat16", "cpu", FP32) == BF16
     monkeypatch.setenv(FAST_DTYPES_ENV, "none")
-    assert run_dtype("auto", "cuda", BF16) == BF16
-    assert run_dtype("auto", "cuda", None) == "auto"  # transformers reads it from the config
+    assert resolve_dtype("auto", "cuda", BF16) == BF16
+    assert resolve_dtype("auto", "cuda", None) == "auto"  # transformers reads it from the config
     with pytest.raises(InputError, match="unknown dtype 'fp8'; allowed: auto, float32"):
-        run_dtype("fp8", "cpu", BF16)
+        resolve_dtype("fp8", "cpu", BF16)
 
 
 def test_a_bad_override_of_the_detection_names_the_value(monkeypatch):

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from polyprune.api import compress, prune, quantize
 from polyprune.cli import main
 from polyprune.compress.export import load_masks
-from polyprune.compress.stream import ShardWriter, lean_malloc, parse_size
+from polyprune.compress.shards import ShardWriter
+from polyprune.compress.stream import lean_malloc, parse_size
 from polyprune.errors import InputError
 
 from .conftest import tiny_model
@@ -122,6 +123,34 @@ def test_joint_sparsegpt_gptq_checkpoint_and_masks_stream(sharded, tmp_path):
         ca = json.loads((tmp_path / "memory" / name).read_text())
         cb = json.loads((tmp_path / "stream" / name).read_text())
         assert ca.get("quantization_config", ca) == cb.get("quantization_config", cb)
+
+
+def test_asymmetric_grids_are_written_as_gptq_v2_in_memory_as_when_streamed(sharded, tmp_path):
+    """One format rule for both paths: an asymmetric grid is gptq_v2 even when no zero point is
+    0 (the in-memory path used to write such a checkpoint as v1, which GPTQModel refuses)."""
+    src = sharded("llama")
+    kw = dict(method="rtn", bits=4, group_size=32, sym=False, progress=False)
+    _, memory = quantize(str(src), **kw, out=tmp_path / "memory", stream=False)
+    _, streamed = quantize(str(src), **kw, out=tmp_path / "stream", stream=True)
+    for manifest, out in ((memory, tmp_path / "memory"), (streamed, tmp_path / "stream")):
+        assert manifest["quantization"]["checkpoint_format"] == "gptq_v2"
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert (qc["checkpoint_format"], qc["sym"]) == ("gptq_v2", False)
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
+
+
+def test_a_model_in_memory_and_its_streamed_twin_give_the_same_files(sharded, tmp_path):
+    """The one writer: weights, masks and config of both paths agree (only time and path
+    differ in the manifest)."""
+    src = sharded("llama")
+    kw = dict(method="wanda", sparsity=0.5, save_masks=True, **CALIB)
+    prune(str(src), **kw, out=tmp_path / "memory", stream=False)
+    prune(str(src), **kw, out=tmp_path / "stream", stream=True)
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
+    for name in ("config.json", "masks.safetensors"):
+        assert (tmp_path / "memory" / name).read_bytes() == (
+            tmp_path / "stream" / name
+        ).read_bytes()
 
 
 def test_cli_streams_a_safetensors_directory(sharded, tmp_path):

@@ -22,7 +22,6 @@ EOS-joined documents, each starting with BOS where the tokenizer adds one (``dat
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -45,6 +44,7 @@ from polyprune.analysis.lape import (
 from polyprune.analysis.lsar import lsar_subspace, projected_change, projected_norms
 from polyprune.analysis.snr import LayerErrorStats
 from polyprune.checks import check_device, check_dtype
+from polyprune.compress.manifest import MASKS, RunManifest
 from polyprune.errors import InputError
 
 __all__ = ["METRICS", "AnalysisConfig", "Run", "analyze", "describe_runs", "heldout_windows"]
@@ -52,8 +52,6 @@ __all__ = ["METRICS", "AnalysisConfig", "Run", "analyze", "describe_runs", "held
 logger = logging.getLogger(__name__)
 
 METRICS = ("snr", "error", "iou", "lsar", "lape")
-MANIFEST = "polyprune.json"
-MASKS = "masks.safetensors"
 
 
 @dataclass(frozen=True)
@@ -120,23 +118,23 @@ class Run:
     mix: str  # calibration mix, "-" for data-free methods
     seed: int | None
     has_masks: bool
-    manifest: dict = field(repr=False)
+    manifest: RunManifest = field(repr=False)
 
     def summary(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v)
                 for k, v in asdict(self).items() if k != "manifest"}  # fmt: skip
 
 
-def _setting(manifest: dict) -> str:
-    s = manifest.get("settings", {})
-    parts = [manifest.get("method", "?")]
+def _setting(manifest: RunManifest) -> str:
+    s = manifest.settings
+    parts = [manifest.method]
     if "pattern" in s:
         parts.append(str(s["pattern"]))
     if "sparsity" in s:
         parts.append(f"{s['sparsity']:.2f}")
-    q = manifest.get("quantization")
+    q = manifest.quantization
     if q:
-        parts.append(f"{q['bits']}bit g{q['group_size']}")
+        parts.append(f"{q.bits}bit g{q.group_size}")
     return " ".join(parts)
 
 
@@ -146,17 +144,10 @@ def describe_runs(dirs: list[str | Path]) -> list[Run]:
     runs = []
     for d in dirs:
         path = Path(d)
-        man_path = path / MANIFEST
-        if not man_path.is_file():
-            raise InputError(f"{str(path)!r} is not a polyprune output (no {MANIFEST})")
-        try:
-            manifest = json.loads(man_path.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{man_path} is not valid JSON: {e.msg}") from e
-        cal = manifest.get("calibration") or {}
-        runs.append(Run(path, "", manifest.get("method", "?"), _setting(manifest),
-                        cal.get("mix", "-"), cal.get("seed"), (path / MASKS).is_file(),
-                        manifest))  # fmt: skip
+        manifest = RunManifest.from_dir(path)
+        cal = manifest.calibration or {}
+        runs.append(Run(path, "", manifest.method, _setting(manifest), cal.get("mix", "-"),
+                        cal.get("seed"), (path / MASKS).is_file(), manifest))  # fmt: skip
     if len({r.path.resolve() for r in runs}) != len(runs):
         raise InputError("a compressed run is named twice")
     many_settings = len({r.setting for r in runs}) > 1
@@ -486,7 +477,6 @@ def _iou_metrics(runs: list[Run]) -> dict:
 def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, tokenizer=None) -> dict:
     """Every diagnostic of ``cfg.metrics`` for ``dense`` (hub id, directory or ``demo``) and
     the compressed output directories; returns the metrics dict written as metrics.json."""
-    from polyprune.api import _skeleton
     from polyprune.data.sources import get_source
     from polyprune.models import (
         find_blocks,
@@ -494,6 +484,7 @@ def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, token
         load_model,
         load_tokenizer,
         max_positions,
+        skeleton,
     )
 
     if not compressed:
@@ -506,11 +497,11 @@ def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, token
     limit = max_positions(config)  # longer windows run past the position embeddings
     if limit is not None and cfg.seqlen > limit:
         raise InputError(f"--seqlen {cfg.seqlen} is above the model's maximum positions ({limit})")
-    skeleton = _skeleton(config)
-    n_blocks = len(find_blocks(skeleton)[1])
+    meta = skeleton(config)  # shapes only, no weights
+    n_blocks = len(find_blocks(meta)[1])
     check_runs_match(dense, config, runs)
     try:
-        gated_mlps(skeleton)
+        gated_mlps(meta)
         gated = True
     except ValueError:
         gated = False
@@ -518,7 +509,7 @@ def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, token
     if not metrics:
         raise InputError("no metric can run on these inputs")
     if "iou" in metrics:
-        check_masks(runs, skeleton, MASKS)
+        check_masks(runs, meta, MASKS)
     tok = tokenizer or load_tokenizer(dense)
     needs_pass = bool({"snr", "error", "lsar", "lape"} & set(metrics))
     result: dict = {

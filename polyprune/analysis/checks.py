@@ -94,7 +94,7 @@ def check_runs_match(dense: str, config, runs) -> None:
             a, b = getattr(config, key, None), getattr(rc, key, None)
             if a != b:
                 raise InputError(f"{where} has {key} {b}, the dense model {a}")
-        recorded = str(r.manifest.get("model") or "")
+        recorded = str(r.manifest.model or "")
         same = same_source(recorded, dense, dense_path, config)
         if same is False:
             raise InputError(

@@ -30,6 +30,8 @@ device one batch at a time.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import logging
 import os
 import tempfile
@@ -43,21 +45,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from polyprune.checks import check_device
-from polyprune.compress.gptq import gptq_quantize, rtn
-from polyprune.compress.magnitude import magnitude_prune
 from polyprune.compress.masks import pack_mask
+from polyprune.compress.methods import allowed, get_method, methods
 from polyprune.compress.quant import QuantConfig, QuantTensors
 from polyprune.compress.solver import PruneConfig, SolverResult
-from polyprune.compress.sparsegpt import sparsegpt_prune
 from polyprune.compress.stats import InputStats, StatKind
-from polyprune.compress.wanda import wanda_prune
 from polyprune.errors import InputError
 from polyprune.models import find_blocks, get_weight, linear_layers, set_weight
 
 __all__ = [
-    "METHODS",
     "OFFLOADS",
-    "QUANT_METHODS",
     "BlockIO",
     "check_widths",
     "EngineConfig",
@@ -68,6 +65,7 @@ __all__ = [
     "capture_block_inputs",
     "compress_blocks",
     "compress_model",
+    "engine_method",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,7 +73,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Method:
-    """A solver as the engine calls it: ``solve(W, stats, cfg, name, segments)``.
+    """A registered method (:mod:`polyprune.compress.methods`) with its solver imported:
+    ``solve(W, stats, cfg, name, segments)``.
 
     Linears that share an input are passed stacked (rows concatenated, ``segments`` = their row
     counts) when ``stacked``: one solve instead of several (one Cholesky factorisation for
@@ -88,30 +87,15 @@ class Method:
     stacked: bool = False
 
 
-METHODS: dict[str, Method] = {
-    "magnitude": Method(
-        "magnitude", None, lambda W, s, cfg, name, seg: magnitude_prune(W, cfg.prune)
-    ),
-    "wanda": Method(
-        "wanda",
-        "colsq",
-        lambda W, s, cfg, name, seg: wanda_prune(W, s.column_sq_norms(), cfg.prune),
-    ),
-    "sparsegpt": Method(
-        "sparsegpt",
-        "hessian",
-        lambda W, s, cfg, name, seg: sparsegpt_prune(W, s.H, cfg.prune, name, seg, cfg.quant),
-        stacked=True,
-    ),
-    "gptq": Method(
-        "gptq",
-        "hessian",
-        lambda W, s, cfg, name, seg: gptq_quantize(W, s.H, cfg.quant, name),
-        stacked=True,
-    ),  # fmt: skip
-    "rtn": Method("rtn", None, lambda W, s, cfg, name, seg: rtn(W, cfg.quant)),
-}
-QUANT_METHODS = ("gptq", "rtn")
+@functools.cache
+def engine_method(name: str) -> Method:
+    """The method ``name`` as the engine calls it; InputError if no such method."""
+    spec = get_method(name)
+    module, _, function = spec.solver.partition(":")
+    solve = getattr(importlib.import_module(module), function)
+    return Method(spec.name, spec.statistic, solve, spec.stacked)
+
+
 # Where the calibration activations live: auto (the device when both buffers fit in half its
 # free memory, host memory otherwise), none (the device), cpu (host), disk (a memory map).
 OFFLOADS = ("auto", "none", "cpu", "disk")
@@ -131,18 +115,17 @@ class EngineConfig:
     quant: QuantConfig | None = None  # gptq / rtn, or joint sparsegpt + quantisation
 
     def __post_init__(self) -> None:
-        if self.method in QUANT_METHODS and self.quant is None:
+        spec = get_method(self.method)
+        if spec.kind == "quantize" and self.quant is None:
             raise InputError(f"method {self.method} needs a quantisation config (bits)")
-        if self.quant is not None and self.method not in (*QUANT_METHODS, "sparsegpt"):
-            raise InputError(
-                f"--bits works with sparsegpt (joint), gptq or rtn, not with {self.method}"
-            )
+        if self.quant is not None and not spec.takes_quant:
+            takers = [f"{s.name} (joint)" for s in methods("prune") if s.joint_quant]
+            takers += [s.name for s in methods("quantize")]
+            raise InputError(f"--bits works with {allowed(takers, ' or ')}, not with {self.method}")
         if self.offload not in OFFLOADS:
             raise InputError(f"unknown offload {self.offload!r}; allowed: {', '.join(OFFLOADS)}")
         if self.offload_dir is not None and not os.path.isdir(self.offload_dir):
             raise InputError(f"offload directory {self.offload_dir!r} is not a directory")
-        if self.method not in METHODS:
-            raise InputError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
         if self.batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {self.batch_size}")
         check_device(self.device)
@@ -484,7 +467,7 @@ def check_widths(model: nn.Module, cfg: EngineConfig) -> None:
     for b, block in enumerate(blocks):
         for name, mod in linear_layers(block).items():
             cols = get_weight(mod).shape[1]
-            if cfg.method not in QUANT_METHODS:
+            if get_method(cfg.method).kind == "prune":
                 cfg.prune.pattern.check_width(cols, f"{prefix}.{b}.{name}")
             if cfg.quant is not None:
                 cfg.quant.check_width(cols, f"{prefix}.{b}.{name}")
@@ -549,7 +532,7 @@ def compress_blocks(
     """The block loop shared by the in-memory and the streamed paths; ``io`` says where each
     block comes from and goes to. Records go to ``report`` (a new one by default), which
     ``io.release`` may read and drain (masks, quantisation grids of the block it releases)."""
-    method = METHODS[cfg.method]
+    method = engine_method(cfg.method)
     prefix, blocks = find_blocks(model)
     check_widths(model, cfg)
     report = EngineReport() if report is None else report

@@ -1,21 +1,36 @@
-"""Write a compression run: HF model + tokenizer, ``polyprune.json``, optional masks.
+"""The one writer of a compression run, for the in-memory and the streamed paths alike.
 
-Everything is written to a temporary directory beside ``out`` and renamed into place, so an
-interrupted run leaves either the old output or the new one, never half of one. An existing
-non-empty ``out`` is refused unless ``overwrite``. The staging, the lock and the checks live in
-:mod:`polyprune.compress.outputs`.
+:class:`CheckpointWriter` writes an output directory: the weights (dense, or GPTQ-packed) in
+safetensors shards one tensor at a time (:class:`~polyprune.compress.shards.ShardWriter`), the
+masks, ``config.json`` (and GPTQ's ``quantize_config.json``), the generation config, the
+tokenizer and ``polyprune.json``. A model in memory is written Linear by Linear
+(:func:`write_model`); a streamed checkpoint block by block as the engine releases each block
+(``polyprune.compress.stream``). Both go through :meth:`CheckpointWriter.add_module`, so the
+two paths write the same tensors bit for bit.
+
+One GPTQ format rule (:func:`gptq_checkpoint_format`): symmetric grids as ``gptq`` (v1),
+asymmetric grids always as ``gptq_v2``. v1 stores zero - 1 and cannot hold a zero point of 0;
+and GPTQModel reads asymmetric v1 only from checkpoints it made itself.
+
+The caller writes into a staged directory (:func:`polyprune.compress.outputs.staged_output`)
+renamed into place when complete, so an interrupted run leaves the old output or the new one,
+never half of one.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from torch import nn
 
+from polyprune.compress.gptq_format import gptq_quantization_config, pack_linear
+from polyprune.compress.manifest import MANIFEST, MASKS
 from polyprune.compress.masks import unpack_mask
 from polyprune.compress.outputs import (
     check_not_source,
@@ -26,43 +41,36 @@ from polyprune.compress.outputs import (
     staged_output,
     write_file_atomic,
 )
+from polyprune.compress.quant import QuantConfig, QuantTensors
+from polyprune.compress.shards import ShardWriter
 from polyprune.errors import InputError
 
 __all__ = [
     "FORMATS",
     "MANIFEST",
     "MASKS",
+    "CheckpointWriter",
     "check_not_source",
     "check_output_dir",
     "check_output_file",
     "check_writable",
-    "gptq_config_files",
+    "gptq_checkpoint_format",
     "load_masks",
     "masks_metadata",
+    "output_dtype",
     "output_lock",
     "read_mask_shapes",
-    "save_compressed",
-    "save_masks",
     "staged_output",
     "write_file_atomic",
+    "write_model",
 ]
 
 logger = logging.getLogger(__name__)
-MANIFEST = "polyprune.json"
-MASKS = "masks.safetensors"
 FORMATS = ("dense", "gptq")
 
 
 def masks_metadata(shapes: dict[str, list[int]]) -> dict[str, str]:
     return {"format": "polyprune-masks-v1", "bitorder": "little", "shapes": json.dumps(shapes)}
-
-
-def save_masks(path: Path, masks: dict[str, tuple[torch.Tensor, tuple[int, int]]]) -> None:
-    """One bit-packed uint8 tensor per Linear (row-major, little bit order); shapes in the
-    safetensors metadata."""
-    tensors = {name: packed.contiguous() for name, (packed, _) in masks.items()}
-    shapes = {name: list(shape) for name, (_, shape) in masks.items()}
-    save_file(tensors, str(path), metadata=masks_metadata(shapes))
 
 
 def read_mask_shapes(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
@@ -109,95 +117,142 @@ def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return {name: unpack_mask(f.get_tensor(name), shape) for name, shape in shapes.items()}
 
 
-def save_gptq(model, path: Path, quant: dict, quant_cfg, version: str, dtype) -> str:
-    """The packed GPTQ checkpoint of ``model`` in ``path``: Linears with grids in ``quant`` as
-    qweight/qzeros/scales/g_idx, everything else in ``dtype`` (the source checkpoint's, fp16
-    if unknown). Returns the checkpoint format."""
-    dtype = dtype or torch.float16
-    from polyprune.compress.gptq_format import pack_linear
-    from polyprune.models import get_weight
+def gptq_checkpoint_format(quant: QuantConfig) -> str:
+    """The checkpoint format of packed grids: ``gptq`` (v1) for symmetric grids, ``gptq_v2``
+    for asymmetric ones, whatever their zero points (the same for every run, streamed or not,
+    and the format every reader takes asymmetric grids in)."""
+    return "gptq" if quant.sym else "gptq_v2"
 
-    v2 = any((qt.zeros == 0).any() for qt in quant.values())
-    if v2:
-        logger.warning(
-            "some asymmetric zero points are 0, which checkpoint format 'gptq' (v1) cannot "
-            "hold; writing 'gptq_v2' (read by GPTQModel, vLLM and transformers)"
-        )
-    tensors: dict[str, torch.Tensor] = {}
+
+def output_dtype(
+    format: str, quant: QuantConfig | None, source: torch.dtype | None, run: torch.dtype
+) -> torch.dtype:
+    """The dtype of the written weights (outside packed Linears): dequantised weights are
+    exact in fp32 only (fp16 scale x integer); otherwise the source checkpoint's dtype, or,
+    unknown, fp16 beside GPTQ-packed Linears and the run's dtype for dense weights."""
+    if quant is not None and format == "dense":
+        return torch.float32
+    return source or (torch.float16 if format == "gptq" else run)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+class CheckpointWriter:
+    """An output directory being written: weights (``format`` dense or gptq) in ``dtype``,
+    shards of at most ``max_shard_bytes``, and with ``save_masks`` the masks.
+
+    Use :meth:`add` for tensors outside the compressed Linears' modules, :meth:`add_module`
+    for a module whose Linears may carry grids and masks, then :meth:`finish` (or
+    :meth:`abort` on failure)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        format: str,
+        dtype: torch.dtype,
+        quant: QuantConfig | None = None,
+        max_shard_bytes: int | None = None,
+        save_masks: bool = False,
+    ):
+        if format not in FORMATS:
+            raise InputError(f"unknown format {format!r}; allowed: {', '.join(FORMATS)}")
+        self.directory, self.format, self.dtype, self.quant = Path(directory), format, dtype, quant
+        self.gptq = format == "gptq"
+        self.v2 = self.gptq and gptq_checkpoint_format(quant) == "gptq_v2"
+        self.weights = ShardWriter(self.directory, "model", max_shard_bytes)
+        self.masks = None
+        if save_masks:  # one file: readers open masks.safetensors by name
+            self.masks = ShardWriter(self.directory, Path(MASKS).stem, None, header_bytes=1 << 23)
+        self.mask_shapes: dict[str, list[int]] = {}
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        self.weights.add(name, _cast(t, self.dtype))
+
+    def add_module(
+        self,
+        prefix: str,
+        module: nn.Module,
+        grids: dict[str, QuantTensors],
+        masks: dict[str, tuple[torch.Tensor, tuple[int, int]]],
+    ) -> None:
+        """The tensors of ``module`` (named ``prefix``): the Linears in ``grids`` (full names)
+        packed as qweight / qzeros / scales / g_idx / bias when the format is gptq, everything
+        else in the output dtype; then the ``masks`` (full names) of its Linears."""
+        from polyprune.models import get_weight
+
+        packed = sorted(grids) if self.gptq else []
+        for name, t in module.state_dict().items():
+            full = f"{prefix}.{name}" if prefix else name
+            if full.rsplit(".", 1)[0] not in grids or not self.gptq:
+                self.add(full, t)
+        for full in packed:
+            mod = module.get_submodule(full.removeprefix(f"{prefix}.") if prefix else full)
+            bias = getattr(mod, "bias", None)
+            tensors = pack_linear(get_weight(mod).cpu(), grids[full], bias, self.v2)
+            for k, v in tensors.items():
+                self.weights.add(f"{full}.{k}", v)
+        if self.masks is not None:
+            for full, (bits, shape) in masks.items():
+                self.masks.add(full, bits)
+                self.mask_shapes[full] = list(shape)
+
+    def finish(self, config, generation=None, version: str = "") -> str | None:
+        """Close the shards and write the config (with ``quantization_config`` for gptq) and
+        ``generation`` (a generation_config.json to copy, or a GenerationConfig). Returns the
+        GPTQ checkpoint format (None for dense weights)."""
+        self.weights.finish()
+        if self.masks is not None:
+            self.masks.metadata = masks_metadata(self.mask_shapes)
+            self.masks.finish()
+        if isinstance(generation, (str, os.PathLike)):
+            shutil.copy(generation, self.directory / Path(generation).name)
+        elif generation is not None:
+            generation.save_pretrained(self.directory)
+        if self.gptq:
+            qc = gptq_quantization_config(self.quant, self.v2, version)
+            config = dict(config.to_dict(), quantization_config=qc,
+                          dtype=str(self.dtype).removeprefix("torch."))  # fmt: skip
+            config.pop("torch_dtype", None)
+            (self.directory / "config.json").write_text(json.dumps(config, indent=2, default=str)
+                                                        + "\n")  # fmt: skip
+            (self.directory / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
+            return qc["checkpoint_format"]
+        config.dtype = self.dtype
+        config.save_pretrained(self.directory)
+        return None
+
+    def abort(self) -> None:
+        self.weights.abort()
+        if self.masks is not None:
+            self.masks.abort()
+
+
+def write_model(
+    model: nn.Module, writer: CheckpointWriter, grids: dict, masks: dict, version: str = ""
+) -> str | None:
+    """Write a model held in memory (the model is not changed). A tied weight (lm_head of
+    tied embeddings) is written once, under its first name, as ``save_pretrained`` does."""
+    from polyprune.models import find_blocks
+
+    prefix, blocks = find_blocks(model)
+    inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
     seen: set[int] = set()
-    packed_prefixes = set(quant)
-    for name, t in model.state_dict().items():
-        prefix = name.rsplit(".", 1)[0]
-        if prefix in packed_prefixes or t.data_ptr() in seen:
-            continue  # packed below; or a tied duplicate (lm_head of tied embeddings)
-        seen.add(t.data_ptr())
-        tensors[name] = t.detach().to(dtype if t.is_floating_point() else t.dtype)
-    for name, qt in quant.items():
-        mod = model.get_submodule(name)
-        packed = pack_linear(get_weight(mod).cpu(), qt, getattr(mod, "bias", None), v2)
-        tensors.update({f"{name}.{k}": v.contiguous() for k, v in packed.items()})
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"),
-              metadata={"format": "pt"})  # fmt: skip
-    return gptq_config_files(model.config.to_dict(), path, quant_cfg, v2, version, dtype)
-
-
-def gptq_config_files(config: dict, path: Path, quant_cfg, v2: bool, version: str, dtype) -> str:
-    """config.json with its ``quantization_config``, and quantize_config.json; returns the
-    checkpoint format."""
-    from polyprune.compress.gptq_format import gptq_quantization_config
-
-    qc = gptq_quantization_config(quant_cfg, v2, version)
-    config = dict(config, quantization_config=qc, dtype=str(dtype).removeprefix("torch."))
-    config.pop("torch_dtype", None)
-    (path / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    (path / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
-    return qc["checkpoint_format"]
-
-
-def save_compressed(
-    model,
-    tokenizer,
-    out: str | os.PathLike,
-    manifest: dict,
-    masks: dict | None = None,
-    overwrite: bool = False,
-    dtype: torch.dtype | None = None,
-    format: str = "dense",
-    quant: dict | None = None,
-    quant_cfg=None,
-) -> Path:
-    run_dtype = next(model.parameters()).dtype
-    # Buffers (e.g. rotary inv_freq) are not saved but are cast with the model: a round trip
-    # through bf16 would change the model's outputs (perplexity by 1e-4 on the demo model).
-    buffers = {name: b.clone() for name, b in model.named_buffers() if b.is_floating_point()}
     try:
-        with staged_output(out, overwrite) as tmp:
-            # Saved in the checkpoint's own dtype; the model object is cast back afterwards,
-            # so what the caller holds equals what is on disk.
-            if format == "gptq":
-                version = manifest.get("version", "")
-                fmt = save_gptq(model, tmp, quant, quant_cfg, version, dtype)
-                manifest.setdefault("quantization", {})["checkpoint_format"] = fmt
-            else:
-                if quant:  # dequantised weights are exact in fp32 only (fp16 scale x integer)
-                    dtype = torch.float32
-                if dtype is not None and run_dtype != dtype:
-                    model.to(dtype)
-                model.save_pretrained(tmp, safe_serialization=True)
-                model.to(run_dtype)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            if masks:
-                save_masks(tmp / MASKS, masks)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    finally:
-        model.to(run_dtype)
-        _restore_buffers(model, buffers)
-    return Path(out).resolve()
-
-
-def _restore_buffers(model, buffers: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name in buffers:
-                b.copy_(buffers[name])
+        for name, t in model.state_dict(keep_vars=True).items():
+            if id(t) in inside or id(t) in seen:
+                continue  # in a block (below); or a tied duplicate
+            seen.add(id(t))
+            writer.add(name, t.detach())
+        for b, block in enumerate(blocks):
+            where = f"{prefix}.{b}."
+            mine = lambda d, where=where: {k: v for k, v in d.items() if k.startswith(where)}
+            writer.add_module(where[:-1], block, mine(grids), mine(masks))
+        config = copy.deepcopy(model.config)  # the caller's model keeps its own
+        config.architectures = [type(model).__name__]
+        generation = getattr(model, "generation_config", None) if model.can_generate() else None
+        return writer.finish(config, generation, version)
+    except BaseException:
+        writer.abort()
+        raise

@@ -8,8 +8,10 @@ Per quantised Linear with K inputs, N outputs, b bits and G groups (layout as in
   of 32 values in 3 words.
 * ``qzeros`` int32 [G, N * b / 32]: zero points packed the same way along the output
   dimension. In checkpoint format ``gptq`` (v1) the stored value is zero - 1 and readers add
-  1 back; in ``gptq_v2`` it is the zero itself. We write v1, the format every reader knows,
-  unless some zero is 0 (asymmetric grids only), which v1 cannot hold: then v2.
+  1 back; in ``gptq_v2`` it is the zero itself. Symmetric grids are written as v1 (their
+  zero is the grid's midpoint, never 0); asymmetric grids always as v2
+  (:func:`polyprune.compress.export.gptq_checkpoint_format`): v1 cannot hold a zero of 0,
+  and GPTQModel (7.7.0) refuses asymmetric v1 unless it made the checkpoint itself.
 * ``scales`` fp16 [G, N]; ``g_idx`` int32 [K], the group of each input column; ``bias`` fp16.
 
 Dequantisation: W[n, k] = scales[g_idx[k], n] * (q[k, n] - zero[g_idx[k], n]).

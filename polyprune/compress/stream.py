@@ -9,10 +9,9 @@ compress_blocks`, the same code as for a model in memory), written to the output
 set back to meta. Peak host memory is one block, the calibration activations (unless
 offloaded to disk) and the statistics of one block's Linear groups, whatever the depth.
 
-Output shards are written one tensor at a time (:class:`ShardWriter`): each shard reserves its
-safetensors header at the front and fills it in when it closes, so a shard is never held in
-memory either. The result is an ordinary HF checkpoint: ``model.safetensors``, or
-``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``.
+Each block is written as it is released, by the same writer as a model in memory
+(:class:`polyprune.compress.export.CheckpointWriter`): safetensors shards written one tensor at
+a time, so no shard is held in memory either.
 
 Freeing a block is not enough by itself on glibc: its tensors (and SparseGPT's d x d factors)
 are mostly below glibc's mmap threshold, so they come from the heap, and the freed heap is
@@ -29,8 +28,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import struct
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,15 +37,14 @@ import torch
 from torch import nn
 
 from polyprune.compress.engine import BlockIO, EngineConfig, EngineReport, compress_blocks
-from polyprune.compress.export import MASKS, gptq_config_files, masks_metadata
-from polyprune.compress.gptq_format import pack_linear
+from polyprune.compress.export import CheckpointWriter
+from polyprune.compress.shards import INDEX, ST_DTYPES
 from polyprune.errors import InputError, shorten
-from polyprune.models import find_blocks, get_weight
+from polyprune.models import find_blocks
 from polyprune.weights import drop_ignorable, fit_error, open_safetensors, unfit_keys, weight_files
 
 __all__ = [
     "Checkpoint",
-    "ShardWriter",
     "StreamResult",
     "compress_checkpoint",
     "empty_model",
@@ -60,13 +56,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-INDEX = "model.safetensors.index.json"
 _MAX_SIZE = 2**63  # sizes are written to the index as JSON integers: int64 for most readers
-_ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-}  # fmt: skip
 
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
@@ -212,126 +202,10 @@ class Checkpoint:
         for file, key in self.where.values():
             with open_safetensors(self.path / file) as f:
                 t = f.get_slice(key)
-                dtype = {v: k for k, v in _ST_DTYPES.items()}.get(t.get_dtype())
+                dtype = {v: k for k, v in ST_DTYPES.items()}.get(t.get_dtype())
                 if dtype is not None and dtype.is_floating_point:
                     return dtype
         return torch.float32
-
-
-class ShardWriter:
-    """Safetensors shards written one tensor at a time.
-
-    The safetensors header (8-byte length, then JSON) comes before the data and holds every
-    tensor's offsets, which are known only when the shard is complete. Each shard therefore
-    reserves ``header_bytes`` at its start and fills them in when it closes, padding the JSON
-    with spaces, which the format allows. A shard closes when the next tensor would take it past
-    ``max_shard_bytes`` or its header space.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        stem: str = "model",
-        max_shard_bytes: int | None = None,
-        header_bytes: int = 1 << 18,
-    ):
-        self.directory = Path(directory)
-        self.stem = stem
-        self.max_shard_bytes = max_shard_bytes
-        self.header_bytes = header_bytes
-        self.metadata: dict[str, str] = {"format": "pt"}
-        self.shards: list[tuple[Path, dict]] = []  # (temporary path, header) of closed shards
-        self._file = None
-        self._header: dict = {}
-        self._header_len = 0
-        self._offset = 0
-
-    def add(self, name: str, t: torch.Tensor) -> None:
-        t = t.detach().to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
-        entry_len = len(json.dumps({name: {"dtype": "BF16", "shape": list(t.shape),
-                                           "data_offsets": [10**15, 10**15]}}))  # fmt: skip
-        full = (
-            self._file is not None
-            and self._offset > 0
-            and (
-                (self.max_shard_bytes is not None and self._offset + nbytes > self.max_shard_bytes)
-                or self._header_len + entry_len > self.header_bytes - 4096  # 4 KiB for metadata
-            )
-        )
-        if full and self.max_shard_bytes is None:
-            raise InputError(f"more tensors than one file's reserved header holds ({name})")
-        if full:
-            self._close()
-        if self._file is None:
-            self._open()
-        self._header[name] = {
-            "dtype": _ST_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [self._offset, self._offset + nbytes],
-        }
-        self._header_len += entry_len
-        if nbytes:
-            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)
-        self._offset += nbytes
-
-    def _open(self) -> None:
-        path = self.directory / f".{self.stem}-{len(self.shards):05d}.tmp"
-        self._file = open(path, "wb")  # noqa: SIM115 (closed in _close)
-        self._file.write(b"\0" * (8 + self.header_bytes))
-        self._path, self._header, self._header_len, self._offset = path, {}, 0, 0
-
-    def _close(self) -> None:
-        if self._file is None:
-            return
-        header = json.dumps({"__metadata__": self.metadata, **self._header}, separators=(",", ":"))
-        raw = header.encode()
-        if len(raw) > self.header_bytes:
-            raise InputError(f"safetensors header of {len(raw)} bytes exceeds the space reserved")
-        self._file.seek(0)
-        self._file.write(struct.pack("<Q", self.header_bytes) + raw.ljust(self.header_bytes))
-        self._file.close()
-        self.shards.append((self._path, self._header))
-        self._file = None
-
-    def finish(self) -> list[Path]:
-        """Close the last shard and give the shards their final names: ``{stem}.safetensors``
-        alone, or ``{stem}-0000i-of-0000n.safetensors`` and ``{stem}.safetensors.index.json``."""
-        stem = self.stem
-        self._close()
-        n = len(self.shards)
-        if n == 0:
-            self._open()
-            self._close()
-            n = 1
-        names = (
-            [f"{stem}.safetensors"]
-            if n == 1
-            else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
-        paths = []
-        for (tmp, _), final in zip(self.shards, names, strict=True):
-            tmp.rename(self.directory / final)
-            paths.append(self.directory / final)
-        if n > 1:
-            weight_map = {k: f for (_, h), f in zip(self.shards, names, strict=True) for k in h}
-            total = sum(
-                e["data_offsets"][1] - e["data_offsets"][0] for _, h in self.shards
-                for e in h.values()
-            )  # fmt: skip
-            index = {
-                "metadata": {"total_size": total},
-                "weight_map": dict(sorted(weight_map.items())),
-            }
-            (self.directory / f"{stem}.safetensors.index.json").write_text(
-                json.dumps(index, indent=2) + "\n"
-            )
-        return paths
-
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 @contextlib.contextmanager
@@ -387,31 +261,20 @@ def compress_checkpoint(
     path: str | Path,
     input_ids: torch.Tensor | None,
     cfg: EngineConfig,
-    out: Path,
+    writer: CheckpointWriter,
     run_dtype: torch.dtype,
-    out_dtype: torch.dtype,
-    format: str = "dense",
-    max_shard_bytes: int = 5 * 10**9,
-    save_masks: bool = False,
     version: str = "",
 ) -> StreamResult:
-    """Compress the checkpoint in ``path`` into the directory ``out`` (weights, config, masks;
-    no tokenizer or manifest), one decoder block in memory at a time. Blocks run in
-    ``run_dtype`` on ``cfg.device`` and are written in ``out_dtype`` (GPTQ: packed)."""
+    """Compress the checkpoint in ``path`` into ``writer`` (weights, config, masks; no
+    tokenizer or manifest), one decoder block in memory at a time. Blocks run in ``run_dtype``
+    on ``cfg.device`` and are written as they are released. (Over 80 lines: the engine's
+    load / release / capture are closures sharing the checkpoint, skeleton and report.)"""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
     model = empty_model(config, run_dtype)
     ckpt = Checkpoint(path, model)
     prefix, blocks = find_blocks(model)
-    writer = ShardWriter(out, "model", max_shard_bytes)
-    masks = ShardWriter(out, Path(MASKS).stem, None, header_bytes=1 << 23) if save_masks else None
-    mask_shapes: dict[str, list[int]] = {}
-    gptq = format == "gptq"
-    # A GPTQ v1 checkpoint stores zero - 1 and cannot hold a zero point of 0, which only
-    # asymmetric grids produce. The in-memory path looks at every grid first; here the first
-    # blocks are on disk before the last is quantised, so asymmetric grids always get v2.
-    v2 = gptq and not cfg.quant.sym
     report = EngineReport()
     trim = lean_malloc()
 
@@ -432,25 +295,11 @@ def compress_checkpoint(
         read_into(block, f"{prefix}.{b}.", cfg.device)
 
     def release(b: int, block: nn.Module) -> None:
-        block_prefix = f"{prefix}.{b}"
-        packed = {k for k in report.quant if k.startswith(block_prefix + ".")} if gptq else set()
-        for name, t in block.state_dict().items():
-            full = f"{block_prefix}.{name}"
-            if gptq and full.rsplit(".", 1)[0] in packed:
-                continue  # written below as qweight / qzeros / scales / g_idx
-            writer.add(full, _cast(t, out_dtype))
-        for full in sorted(packed):
-            mod = model.get_submodule(full)
-            bias = getattr(mod, "bias", None)
-            for k, v in pack_linear(
-                get_weight(mod).cpu(), report.quant.pop(full), bias, v2
-            ).items():
-                writer.add(f"{full}.{k}", v)
-        if masks is not None:
-            for full in [k for k in report.masks if k.startswith(block_prefix + ".")]:
-                packed_mask, shape = report.masks.pop(full)
-                masks.add(full, packed_mask)
-                mask_shapes[full] = list(shape)
+        """Write block ``b`` (its grids and masks drained from the report) and free it."""
+        where = f"{prefix}.{b}."
+        grids = {k: report.quant.pop(k) for k in [k for k in report.quant if k.startswith(where)]}
+        masks = {k: report.masks.pop(k) for k in [k for k in report.masks if k.startswith(where)]}
+        writer.add_module(where[:-1], block, grids, masks)
         block.to("meta")
         trim()
 
@@ -488,26 +337,12 @@ def compress_checkpoint(
         block_names = f"{prefix}."
         for name in ckpt.names():
             if not name.startswith(block_names):
-                writer.add(name, _cast(ckpt.read([name])[name], out_dtype))
+                writer.add(name, ckpt.read([name])[name])
         compress_blocks(model, input_ids, cfg, BlockIO(load, release, capture), report)
-        writer.finish()
-        if masks is not None:
-            masks.metadata = masks_metadata(mask_shapes)
-            masks.finish()
+        config.architectures = [type(model).__name__]
+        generation = Path(path) / "generation_config.json"
+        fmt = writer.finish(config, generation if generation.is_file() else None, version)
     except BaseException:
         writer.abort()
-        if masks is not None:
-            masks.abort()
         raise
-
-    fmt = None
-    if gptq:
-        fmt = gptq_config_files(config.to_dict(), out, cfg.quant, v2, version, out_dtype)
-    else:
-        config.architectures = [type(model).__name__]
-        config.dtype = out_dtype
-        config.save_pretrained(out)
-    generation = Path(path) / "generation_config.json"
-    if generation.is_file():
-        shutil.copy(generation, out / generation.name)
     return StreamResult(report, model, run_dtype, fmt)

@@ -53,6 +53,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
+from polyprune.compress.methods import get_method, method_names, methods
 from polyprune.data.mix import WINDOWS_PROTOCOL
 from polyprune.errors import InputError, shorten
 from polyprune.eval.evaluate import EvalSettings, PplSettings, evaluate_cell
@@ -73,9 +74,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
-QUANT_METHODS = ("gptq", "rtn")
-DATA_FREE = ("magnitude", "rtn")
+# From the method registry (polyprune.compress.methods), the one list of methods.
+PRUNE_METHODS = method_names("prune")
+QUANT_METHODS = method_names("quantize")
+DATA_FREE = tuple(s.name for s in methods() if s.data_free)
 # Diagnostics of compressed vs dense hidden states per evaluation language (polyprune.analysis)
 ANALYSES = {"snr": "snr_db", "error": "pruning_error"}
 ANALYSIS_WINDOWS = 16  # held-out windows per language: enough for stable layer sums
@@ -213,9 +215,10 @@ class MatrixConfig:
         from polyprune.models import resolve_model_path
 
         for m in self.methods:
-            if m not in PRUNE_METHODS + QUANT_METHODS:
-                allowed = ", ".join(PRUNE_METHODS + QUANT_METHODS)
-                raise InputError(f"config: unknown method {m!r}; allowed: {allowed}")
+            try:
+                get_method(m)
+            except InputError as e:
+                raise InputError(f"config: {e}") from None
         for model in self.models:
             resolve_model_path(model, convert=False)  # a GGUF is converted by the first cell
         for a in self.analyses:
@@ -385,22 +388,23 @@ class CellResult:
 
 def _manifest_matches(out: Path, cell: Cell) -> bool:
     """Whether ``out`` holds a finished compression of exactly this cell's settings."""
+    from polyprune.compress.manifest import RunManifest
     from polyprune.models import resolve_model_path
 
     try:
-        m = json.loads((out / "polyprune.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        m = RunManifest.from_dir(out)
+    except InputError:  # none, unreadable, or not a manifest: compress again
         return False
     cc = cell.compress_config()
-    ok = m.get("method") == cell.method and m.get("model") == resolve_model_path(cell.model)
+    ok = m.method == cell.method and m.model == resolve_model_path(cell.model)
     if cell.method in PRUNE_METHODS:
-        s = m.get("settings", {})
+        s = m.settings
         ok &= s.get("sparsity") == cell.sparsity and s.get("pattern") == cc["pattern"]
     else:
-        q = m.get("quantization") or {}
-        ok &= q.get("bits") == cell.bits and q.get("group_size") == cc["group_size"]
+        q = m.quantization
+        ok &= q is not None and q.bits == cell.bits and q.group_size == cc["group_size"]
     if cell.mix is not None:
-        cal = m.get("calibration") or {}
+        cal = m.calibration or {}
         want = {"mix": cell.mix, "seed": cell.seed, "nsamples": cc["nsamples"],
                 "windows": WINDOWS_PROTOCOL,
                 "seqlen": cc["seqlen"], "sampling": cc["sampling"]}  # fmt: skip
