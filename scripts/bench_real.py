@@ -323,18 +323,18 @@ def markdown(data: dict) -> str:
         f"{s['batch_size']}, CPU ({s['cpu_count']} cores); held-out perplexity: "
         f"{s['ppl_tokens']} tokens per language, {s['ppl_seqlen']}-token windows, float32",
         "",
-        "| method | configuration | compression (s) | command (s) | peak RSS (MiB) | "
+        "| method | configuration | forwards | compression (s) | command (s) | peak RSS (MiB) | "
         "sparsity | " + " | ".join(f"ppl {x}" for x in langs) + " |",
-        "|---|---|---:|---:|---:|---:|" + "---:|" * len(langs),
+        "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(langs),
     ]
     lines.append(
-        "| - | dense | - | - | - | - | "
+        "| - | dense | - | - | - | - | - | "
         + " | ".join(f"{data['dense_ppl'][x]:.2f}" for x in langs)
         + " |"
     )
     for r in data["results"]:
         lines.append(
-            f"| {r['method']} | {r['config']} | {r['compress_s']:.1f} | "
+            f"| {r['method']} | {r['config']} | {r['run_dtype']} | {r['compress_s']:.1f} | "
             f"{r['command_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['sparsity']:.4f} | "
             + " | ".join(f"{r['ppl'][x]:.2f}" for x in langs)
             + " |"
