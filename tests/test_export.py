@@ -52,3 +52,16 @@ def test_staged_output_gives_mkdir_permissions_and_replaces_only_when_done(tmp_p
         raise RuntimeError("killed")
     assert (out / "x").read_text() == "1"  # the old output survives a failed run
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_every_file_of_a_pruned_output_gets_open_permissions(tmp_path, umask_022, stream):
+    """The in-memory path used to leave model.safetensors and masks.safetensors at mkstemp's
+    0600: unreadable to the rest of a group sharing a results folder."""
+    import polyprune
+
+    out = tmp_path / "out"
+    polyprune.prune("demo", "wanda", 0.5, calib="en", nsamples=2, seqlen=32, out=out,
+                    stream=stream, save_masks=True, progress=False)  # fmt: skip
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes
