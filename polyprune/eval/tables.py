@@ -135,13 +135,14 @@ def build_tables(
 def _fmt(t: Table, i: int, j: int) -> str:
     if np.isnan(t.mean[i, j]):
         return "–"
-    digits = {"acc": 3, "acc_norm": 3, "f1": 3, "exact_match": 3, "pruning_error": 4}
-    digits = digits.get(t.metric, 2)
-    text = f"{t.mean[i, j]:.{digits}f}"
+    # Pruning errors are ~1e-4 on real models: significant digits, not fixed decimals.
+    spec = {"acc": ".3f", "acc_norm": ".3f", "f1": ".3f", "exact_match": ".3f",
+            "pruning_error": ".3g"}.get(t.metric, ".2f")  # fmt: skip
+    text = f"{t.mean[i, j]:{spec}}"
     if t.n[i, j] > 1:
-        text += f" ± {t.std[i, j]:.{digits}f}"
+        text += f" ± {t.std[i, j]:{spec}}"
     if t.marks is not None and np.isfinite(t.marks.ci_lo[i, j]):
-        text += f" [{t.marks.ci_lo[i, j]:.{digits}f}, {t.marks.ci_hi[i, j]:.{digits}f}]"
+        text += f" [{t.marks.ci_lo[i, j]:{spec}}, {t.marks.ci_hi[i, j]:{spec}}]"
     return text
 
 
