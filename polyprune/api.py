@@ -22,17 +22,7 @@ from torch import nn
 
 from polyprune.checks import check_device, check_dtype
 from polyprune.compress.engine import EngineConfig, EngineReport, check_widths, compress_model
-from polyprune.compress.export import (
-    FORMATS,
-    CheckpointWriter,
-    check_not_source,
-    check_output_dir,
-    check_writable,
-    output_dtype,
-    output_lock,
-    staged_output,
-    write_model,
-)
+from polyprune.compress.export import FORMATS, CheckpointWriter, output_dtype, write_model
 from polyprune.compress.gptq_format import check_packable
 from polyprune.compress.manifest import QuantizationRecord, RunManifest
 from polyprune.compress.masks import Pattern
@@ -60,6 +50,13 @@ from polyprune.models import (
     resolve_dtype,
     resolve_model_path,
     skeleton,
+)
+from polyprune.outputs import (
+    check_not_source,
+    check_output_dir,
+    check_writable,
+    output_lock,
+    staged_output,
 )
 
 __all__ = ["compress", "model_dirs", "prune", "quantize"]

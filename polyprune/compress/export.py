@@ -12,7 +12,7 @@ One GPTQ format rule (:func:`gptq_checkpoint_format`): symmetric grids as ``gptq
 asymmetric grids always as ``gptq_v2``. v1 stores zero - 1 and cannot hold a zero point of 0;
 and GPTQModel reads asymmetric v1 only from checkpoints it made itself.
 
-The caller writes into a staged directory (:func:`polyprune.compress.outputs.staged_output`)
+The caller writes into a staged directory (:func:`polyprune.outputs.staged_output`)
 renamed into place when complete, so an interrupted run leaves the old output or the new one,
 never half of one.
 """
@@ -32,15 +32,6 @@ from torch import nn
 from polyprune.compress.gptq_format import gptq_quantization_config, pack_linear
 from polyprune.compress.manifest import MANIFEST, MASKS
 from polyprune.compress.masks import unpack_mask
-from polyprune.compress.outputs import (
-    check_not_source,
-    check_output_dir,
-    check_output_file,
-    check_writable,
-    output_lock,
-    staged_output,
-    write_file_atomic,
-)
 from polyprune.compress.quant import QuantConfig, QuantTensors
 from polyprune.compress.shards import ShardWriter
 from polyprune.errors import InputError
@@ -50,18 +41,11 @@ __all__ = [
     "MANIFEST",
     "MASKS",
     "CheckpointWriter",
-    "check_not_source",
-    "check_output_dir",
-    "check_output_file",
-    "check_writable",
     "gptq_checkpoint_format",
     "load_masks",
     "masks_metadata",
     "output_dtype",
-    "output_lock",
     "read_mask_shapes",
-    "staged_output",
-    "write_file_atomic",
     "write_model",
 ]
 
