@@ -23,7 +23,6 @@ from torch import nn
 from polyprune.checks import check_device, check_dtype
 from polyprune.compress.engine import EngineConfig, EngineReport, check_widths, compress_model
 from polyprune.compress.export import FORMATS, CheckpointWriter, output_dtype, write_model
-from polyprune.compress.gptq_format import check_packable
 from polyprune.compress.manifest import QuantizationRecord, RunManifest
 from polyprune.compress.masks import Pattern
 from polyprune.compress.methods import get_method
@@ -39,6 +38,7 @@ from polyprune.data.mix import CalibrationMix, build_calibration_set, check_cali
 from polyprune.data.sources import get_source
 from polyprune.errors import InputError
 from polyprune.gguf import model_source
+from polyprune.gptq_format import check_packable
 from polyprune.models import (
     find_blocks,
     get_weight,

@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polyprune.compress.gptq_format import gptq_quantization_config, pack_linear
 from polyprune.compress.manifest import MANIFEST, MASKS
 from polyprune.compress.masks import unpack_mask
-from polyprune.compress.quant import QuantConfig, QuantTensors
+from polyprune.compress.quant import QuantConfig, QuantTensors, to_int
 from polyprune.compress.shards import ShardWriter
 from polyprune.errors import InputError
+from polyprune.gptq_format import gptq_quantization_config, pack_cols, pack_rows
 
 __all__ = [
     "FORMATS",
@@ -45,6 +45,7 @@ __all__ = [
     "load_masks",
     "masks_metadata",
     "output_dtype",
+    "pack_linear",
     "read_mask_shapes",
     "write_model",
 ]
@@ -106,6 +107,23 @@ def gptq_checkpoint_format(quant: QuantConfig) -> str:
     for asymmetric ones, whatever their zero points (the same for every run, streamed or not,
     and the format every reader takes asymmetric grids in)."""
     return "gptq" if quant.sym else "gptq_v2"
+
+
+def pack_linear(
+    weight: torch.Tensor, qt: QuantTensors, bias: torch.Tensor | None, v2: bool
+) -> dict[str, torch.Tensor]:
+    """GPTQ tensors of one Linear from its dequantised weight (N, K) and grids."""
+    q = to_int(weight, qt)  # (N, K)
+    zeros = torch.round(qt.zeros).to(torch.int32)  # (G, N)
+    out = {
+        "qweight": pack_rows(q.t().contiguous(), qt.bits),
+        "qzeros": pack_cols(zeros if v2 else zeros - 1, qt.bits),
+        "scales": qt.scales.to(torch.float16).clone(),
+        "g_idx": qt.g_idx.to(torch.int32).clone(),  # stacked Linears share one g_idx
+    }
+    if bias is not None:
+        out["bias"] = bias.detach().to(torch.float16)
+    return out
 
 
 def output_dtype(
