@@ -22,18 +22,7 @@ from torch import nn
 
 from polyprune.checks import check_device, check_dtype
 from polyprune.compress.engine import EngineConfig, EngineReport, check_widths, compress_model
-from polyprune.compress.export import (
-    FORMATS,
-    CheckpointWriter,
-    check_not_source,
-    check_output_dir,
-    check_writable,
-    output_dtype,
-    output_lock,
-    staged_output,
-    write_model,
-)
-from polyprune.compress.gptq_format import check_packable
+from polyprune.compress.export import FORMATS, CheckpointWriter, output_dtype, write_model
 from polyprune.compress.manifest import QuantizationRecord, RunManifest
 from polyprune.compress.masks import Pattern
 from polyprune.compress.methods import get_method
@@ -49,6 +38,7 @@ from polyprune.data.mix import CalibrationMix, build_calibration_set, check_cali
 from polyprune.data.sources import get_source
 from polyprune.errors import InputError
 from polyprune.gguf import model_source
+from polyprune.gptq_format import check_packable
 from polyprune.models import (
     find_blocks,
     get_weight,
@@ -60,6 +50,13 @@ from polyprune.models import (
     resolve_dtype,
     resolve_model_path,
     skeleton,
+)
+from polyprune.outputs import (
+    check_not_source,
+    check_output_dir,
+    check_writable,
+    output_lock,
+    staged_output,
 )
 
 __all__ = ["compress", "model_dirs", "prune", "quantize"]

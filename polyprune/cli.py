@@ -325,8 +325,8 @@ def _split(text: str) -> tuple[str, ...]:
 
 
 def _cmd_eval(args) -> int:
-    from polyprune.compress.export import check_output_file, check_writable
     from polyprune.eval.evaluate import EvalSettings, PplSettings, evaluate, write_json
+    from polyprune.outputs import check_output_file, check_writable
 
     ev = EvalSettings(
         langs=_split(args.langs), tasks=_split(args.tasks),
@@ -354,7 +354,7 @@ def _cmd_matrix(args) -> int:
 
     cfg = load_config(args.config)
     if not args.dry_run:
-        from polyprune.compress.export import check_writable
+        from polyprune.outputs import check_writable
 
         check_writable(cfg.store_path.parent)
         check_writable(cfg.tables_dir)
@@ -462,12 +462,7 @@ def _cmd_analyze(args) -> int:
     from polyprune.analysis.analyze import AnalysisConfig, analyze
     from polyprune.analysis.report import write_report
     from polyprune.api import model_dirs
-    from polyprune.compress.export import (
-        check_not_source,
-        check_output_dir,
-        check_writable,
-        output_lock,
-    )
+    from polyprune.outputs import check_not_source, check_output_dir, check_writable, output_lock
 
     cfg = AnalysisConfig(
         langs=tuple(x.strip() for x in args.langs.split(",") if x.strip()),

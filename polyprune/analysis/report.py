@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from polyprune.analysis import plots
-from polyprune.compress.export import staged_output
+from polyprune.outputs import staged_output
 
 __all__ = ["write_report"]
 

@@ -12,7 +12,7 @@ One GPTQ format rule (:func:`gptq_checkpoint_format`): symmetric grids as ``gptq
 asymmetric grids always as ``gptq_v2``. v1 stores zero - 1 and cannot hold a zero point of 0;
 and GPTQModel reads asymmetric v1 only from checkpoints it made itself.
 
-The caller writes into a staged directory (:func:`polyprune.compress.outputs.staged_output`)
+The caller writes into a staged directory (:func:`polyprune.outputs.staged_output`)
 renamed into place when complete, so an interrupted run leaves the old output or the new one,
 never half of one.
 """
@@ -29,39 +29,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polyprune.compress.gptq_format import gptq_quantization_config, pack_linear
 from polyprune.compress.manifest import MANIFEST, MASKS
 from polyprune.compress.masks import unpack_mask
-from polyprune.compress.outputs import (
-    check_not_source,
-    check_output_dir,
-    check_output_file,
-    check_writable,
-    output_lock,
-    staged_output,
-    write_file_atomic,
-)
-from polyprune.compress.quant import QuantConfig, QuantTensors
+from polyprune.compress.quant import QuantConfig, QuantTensors, to_int
 from polyprune.compress.shards import ShardWriter
 from polyprune.errors import InputError
+from polyprune.gptq_format import gptq_quantization_config, pack_cols, pack_rows
 
 __all__ = [
     "FORMATS",
     "MANIFEST",
     "MASKS",
     "CheckpointWriter",
-    "check_not_source",
-    "check_output_dir",
-    "check_output_file",
-    "check_writable",
     "gptq_checkpoint_format",
     "load_masks",
     "masks_metadata",
     "output_dtype",
-    "output_lock",
+    "pack_linear",
     "read_mask_shapes",
-    "staged_output",
-    "write_file_atomic",
     "write_model",
 ]
 
@@ -122,6 +107,23 @@ def gptq_checkpoint_format(quant: QuantConfig) -> str:
     for asymmetric ones, whatever their zero points (the same for every run, streamed or not,
     and the format every reader takes asymmetric grids in)."""
     return "gptq" if quant.sym else "gptq_v2"
+
+
+def pack_linear(
+    weight: torch.Tensor, qt: QuantTensors, bias: torch.Tensor | None, v2: bool
+) -> dict[str, torch.Tensor]:
+    """GPTQ tensors of one Linear from its dequantised weight (N, K) and grids."""
+    q = to_int(weight, qt)  # (N, K)
+    zeros = torch.round(qt.zeros).to(torch.int32)  # (G, N)
+    out = {
+        "qweight": pack_rows(q.t().contiguous(), qt.bits),
+        "qzeros": pack_cols(zeros if v2 else zeros - 1, qt.bits),
+        "scales": qt.scales.to(torch.float16).clone(),
+        "g_idx": qt.g_idx.to(torch.int32).clone(),  # stacked Linears share one g_idx
+    }
+    if bias is not None:
+        out["bias"] = bias.detach().to(torch.float16)
+    return out
 
 
 def output_dtype(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from polyprune.compress.masks import nm_mask, row_prune_count, row_topk_mask
+from polyprune.compress.masks import row_prune_count
 from polyprune.compress.solver import PruneConfig, SolverResult
+from polyprune.kernels.topk_mask import nm_mask, row_topk_mask
 
 __all__ = ["magnitude_prune", "select_mask"]
 

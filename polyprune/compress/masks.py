@@ -1,7 +1,8 @@
-"""Selection of the weights to prune (unstructured per row, or N:M) and mask bit-packing.
+"""Sparsity patterns (unstructured per row, or N:M), the weights pruned per row, and mask
+bit-packing.
 
-Masks are boolean with ``True`` = pruned. Ties in a score are broken by column index (a stable
-sort), so the same scores always give the same mask on every device.
+Masks are boolean with ``True`` = pruned. Choosing them (the k lowest scores, ties to the lower
+column) is :mod:`polyprune.kernels.topk_mask`, shared with the Wanda kernel's torch twin.
 """
 
 from __future__ import annotations
@@ -17,11 +18,8 @@ from polyprune.errors import InputError
 
 __all__ = [
     "Pattern",
-    "nm_mask",
     "pack_mask",
     "row_prune_count",
-    "row_topk_mask",
-    "smallest_k_mask",
     "unpack_mask",
 ]
 
@@ -71,32 +69,6 @@ def row_prune_count(cols: int, sparsity: float) -> int:
     The 1e-9 keeps 100 * 0.29 (= 28.999999999999996 in floating point) at 29.
     """
     return math.floor(cols * sparsity + 1e-9)
-
-
-def smallest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the ``k`` lowest scores along the last dimension, ties going to the lower index:
-    exactly the first k of a stable sort, found with a k-th value selection (no full sort)."""
-    if k <= 0:
-        return torch.zeros_like(score, dtype=torch.bool)
-    if k >= score.shape[-1]:
-        return torch.ones_like(score, dtype=torch.bool)
-    kth = torch.kthvalue(score, k, dim=-1, keepdim=True).values
-    below = score < kth
-    tied = score == kth
-    # Of the entries equal to the k-th value, keep the lowest-index ones still needed.
-    need = k - below.sum(-1, keepdim=True)
-    return below | (tied & (tied.cumsum(-1) <= need))
-
-
-def row_topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the ``k`` lowest scores in each row (ties: lower column first). (R, C) -> bool."""
-    return smallest_k_mask(score, k)
-
-
-def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Mask of the ``n`` lowest scores in every group of ``m`` consecutive columns."""
-    rows, cols = score.shape
-    return smallest_k_mask(score.reshape(rows, cols // m, m), n).reshape(rows, cols)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

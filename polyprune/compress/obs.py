@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from polyprune.compress.masks import row_prune_count, smallest_k_mask
+from polyprune.compress.masks import row_prune_count
 from polyprune.compress.quant import QuantConfig, QuantTensors, find_params, quantize
+from polyprune.kernels.topk_mask import smallest_k_mask
 
 __all__ = ["ObsResult", "dead_columns", "inverse_hessian_cholesky", "obs_solve"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from polyprune.compress.export import write_file_atomic
+from polyprune.outputs import write_file_atomic
 
 __all__ = ["cache_dir", "cache_path", "load_cached", "save_cached", "tokenizer_fingerprint"]
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from polyprune.compress.export import check_output_file, write_file_atomic
 from polyprune.errors import InputError
 from polyprune.eval.store import ResultRow, UnitScores
+from polyprune.outputs import check_output_file, write_file_atomic
 
 __all__ = [
     "EvalOutcome",

@@ -450,8 +450,8 @@ def analyse(model, tokenizer, cell: Cell) -> list[ResultRow]:
 
     from polyprune.analysis.hidden import compare_hidden_states
     from polyprune.analysis.snr import model_snr
+    from polyprune.data.heldout import heldout_stream
     from polyprune.data.windows import cut_windows, window_bos
-    from polyprune.eval.perplexity import heldout_stream
     from polyprune.models import load_model, max_positions
 
     cfg, ppl = cell.cfg, cell.cfg.eval.ppl

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from polyprune.data.heldout import heldout_stream
 from polyprune.data.sources import TextSource, get_source
 from polyprune.errors import InputError
 from polyprune.models import max_positions
@@ -41,7 +42,6 @@ __all__ = [
     "PerplexityResult",
     "StreamLosses",
     "document_ids",
-    "heldout_stream",
     "perplexity",
     "split_head",
     "stream_losses",
@@ -80,22 +80,6 @@ class StreamLosses:
     @property
     def ppl(self) -> float:
         return math.exp(self.nll / self.tokens)
-
-
-def heldout_stream(
-    tokenizer, lang: str, source: TextSource | str = "bundled", max_tokens: int | None = None
-) -> torch.Tensor:
-    """The held-out documents of ``lang`` as one EOS-joined token stream (1-D int64)."""
-    src = get_source(source)
-    docs = src.documents(lang, "heldout")
-    ids: list[int] = []
-    for enc in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
-        ids.extend(enc)
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
-        if max_tokens is not None and len(ids) >= max_tokens:
-            break
-    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.int64)
 
 
 @dataclass(frozen=True)

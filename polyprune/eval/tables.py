@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from polyprune.compress.export import write_file_atomic
 from polyprune.eval.compare import Marks, entry_samples, table_marks
 from polyprune.eval.significance import N_BOOT
 from polyprune.eval.summary import summary_markdown
+from polyprune.outputs import write_file_atomic
 
 __all__ = ["Table", "build_tables", "heatmap", "to_csv", "to_markdown", "write_tables"]
 

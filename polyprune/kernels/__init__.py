@@ -1,2 +1,3 @@
-"""Compute kernels, one file per op: the torch path (CPU and reference) lives here; Triton
-kernels and the dispatcher between them come with the kernel issue."""
+"""Compute kernels, one file per op: the Triton kernel beside its torch twin (the CPU path and
+the reference), chosen by ``dispatch``. Kernels import only torch, triton and each other: they
+sit below every other layer but the ground floor (docs/design.md)."""

@@ -3,7 +3,7 @@ the N lowest of every M consecutive columns, without sorting whole rows.
 
 The mask equals the first k (or N) of a stable sort: ties go to the lower column index.
 
-* Torch path: a k-th value search (``polyprune.compress.masks.smallest_k_mask``).
+* Torch path: a k-th value search (``polyprune.kernels.topk_mask``).
 * Triton path, unstructured: one program per row finds the k-th smallest score by bisection on
   its float bits (non-negative floats order as their int32 patterns), 31 counting passes over
   the row, then writes the mask in column order, carrying the count of tied entries so ties
@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from polyprune.kernels.dispatch import triton_available, use_triton
+from polyprune.kernels.topk_mask import nm_mask, smallest_k_mask
 
 __all__ = ["wanda_mask", "wanda_mask_torch", "wanda_mask_triton"]
 
@@ -29,8 +30,6 @@ def _scores(W: torch.Tensor, colsq: torch.Tensor) -> torch.Tensor:
 
 
 def wanda_mask_torch(W: torch.Tensor, colsq: torch.Tensor, k: int = 0, n: int = 0, m: int = 0):
-    from polyprune.compress.masks import nm_mask, smallest_k_mask
-
     score = _scores(W, colsq)
     return nm_mask(score, n, m) if m else smallest_k_mask(score, k)
 

@@ -15,6 +15,10 @@ Per quantised Linear with K inputs, N outputs, b bits and G groups (layout as in
 * ``scales`` fp16 [G, N]; ``g_idx`` int32 [K], the group of each input column; ``bias`` fp16.
 
 Dequantisation: W[n, k] = scales[g_idx[k], n] * (q[k, n] - zero[g_idx[k], n]).
+
+A file format, beside ``weights.py`` and ``gguf.py`` below ``compress``: ``models`` reads GPTQ
+checkpoints with it (:func:`load_gptq_state`). Packing a quantised Linear from its grids
+(:func:`polyprune.compress.export.pack_linear`) belongs to the writer, which knows the grids.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from polyprune.compress.quant import QuantTensors, to_int
 from polyprune.errors import InputError
 
 __all__ = [
@@ -35,7 +38,6 @@ __all__ = [
     "load_gptq_state",
     "pack_cols",
     "pack_rows",
-    "pack_linear",
     "unpack_cols",
     "unpack_rows",
 ]
@@ -114,23 +116,6 @@ def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(per, dtype=torch.int64) * bits
     vals = (w.unsqueeze(-1) >> shifts) & (2**bits - 1)
     return vals.reshape(M, W * per).to(torch.int32)
-
-
-def pack_linear(
-    weight: torch.Tensor, qt: QuantTensors, bias: torch.Tensor | None, v2: bool
-) -> dict[str, torch.Tensor]:
-    """GPTQ tensors of one Linear from its dequantised weight (N, K) and grids."""
-    q = to_int(weight, qt)  # (N, K)
-    zeros = torch.round(qt.zeros).to(torch.int32)  # (G, N)
-    out = {
-        "qweight": pack_rows(q.t().contiguous(), qt.bits),
-        "qzeros": pack_cols(zeros if v2 else zeros - 1, qt.bits),
-        "scales": qt.scales.to(torch.float16).clone(),
-        "g_idx": qt.g_idx.to(torch.int32).clone(),  # stacked Linears share one g_idx
-    }
-    if bias is not None:
-        out["bias"] = bias.detach().to(torch.float16)
-    return out
 
 
 def dequantize(tensors: dict[str, torch.Tensor], bits: int, v2: bool) -> torch.Tensor:

@@ -1,0 +1,39 @@
+"""The k lowest scores of each row as a mask (unstructured, or N in every M columns): the torch
+selection behind every pruning mask, and the torch twin of the Wanda kernel
+(``polyprune.kernels.wanda_mask``).
+
+Masks are boolean with ``True`` = pruned. Ties in a score are broken by column index (a stable
+sort), so the same scores always give the same mask on every device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["nm_mask", "row_topk_mask", "smallest_k_mask"]
+
+
+def smallest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the ``k`` lowest scores along the last dimension, ties going to the lower index:
+    exactly the first k of a stable sort, found with a k-th value selection (no full sort)."""
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if k >= score.shape[-1]:
+        return torch.ones_like(score, dtype=torch.bool)
+    kth = torch.kthvalue(score, k, dim=-1, keepdim=True).values
+    below = score < kth
+    tied = score == kth
+    # Of the entries equal to the k-th value, keep the lowest-index ones still needed.
+    need = k - below.sum(-1, keepdim=True)
+    return below | (tied & (tied.cumsum(-1) <= need))
+
+
+def row_topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the ``k`` lowest scores in each row (ties: lower column first). (R, C) -> bool."""
+    return smallest_k_mask(score, k)
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Mask of the ``n`` lowest scores in every group of ``m`` consecutive columns."""
+    rows, cols = score.shape
+    return smallest_k_mask(score.reshape(rows, cols // m, m), n).reshape(rows, cols)
