@@ -32,13 +32,16 @@ VOCAB = 384
 REAL_CACHE = Path(os.environ.get("POLYPRUNE_CACHE", Path.home() / ".cache" / "polyprune"))
 
 
+# ``--dtype auto`` runs a 16-bit checkpoint in 16-bit only on CPUs with fast 16-bit matmuls:
+# pin "none" for the whole session (session-scoped fixtures and subprocesses included) so that
+# every result is the fp32 reference on any machine; tests/test_dtype.py sets it itself.
+os.environ["POLYPRUNE_FAST_CPU_DTYPES"] = "none"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("POLYPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    # ``--dtype auto`` runs a 16-bit checkpoint in 16-bit only on CPUs with fast 16-bit
-    # matmuls: pin "none" so that every result is the fp32 reference on any machine; the
-    # tests of the 16-bit path set it themselves (tests/test_dtype.py).
-    monkeypatch.setenv("POLYPRUNE_FAST_CPU_DTYPES", "none")
+    monkeypatch.setenv("POLYPRUNE_FAST_CPU_DTYPES", "none")  # a test may have changed it
 
 
 @pytest.fixture(scope="session")

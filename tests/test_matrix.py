@@ -3,6 +3,7 @@ SIGKILLed run that resumes, and the Ray executor giving the rows of the local on
 
 import json
 import math
+import os
 import signal
 import sqlite3
 import subprocess
@@ -109,7 +110,12 @@ def local_run(tmp_path_factory):
     pytest.importorskip("lm_eval")
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp().parent / "polyprune-local-matrix"
+    # Under xdist the workers' temporary roots share this session's parent; without xdist the
+    # parent is shared by every earlier session too, and a stale run would be reused.
+    base = tmp_path_factory.getbasetemp()
+    root = (
+        base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    ) / "polyprune-local-matrix"
     root.mkdir(exist_ok=True)
     with FileLock(str(root / "lock")):
         cfg, timing = root / "m.yaml", root / "seconds.json"

@@ -212,7 +212,9 @@ def language_neurons(lape: dict, langs: list[str], colors: dict, path: Path) -> 
     for m in models[1:]:
         counts[m] = [lape["models"][m]["selection"][lang]["count"] for lang in langs]
     width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(langs) * len(models) * 0.5 + 3), 4))
+    # Bars get narrower past 14 inches: 7 languages x 8 models made a 34-inch strip of
+    # unreadable 8-point text, shrunk to nothing in any viewer.
+    fig, ax = plt.subplots(figsize=(min(14, max(6, 0.22 * len(langs) * len(models) + 2)), 4.5))
     x = np.arange(len(langs))
     for i, m in enumerate(models):
         ax.bar(x + (i - (len(models) - 1) / 2) * width, counts[m], width, label=m,
@@ -223,6 +225,7 @@ def language_neurons(lape: dict, langs: list[str], colors: dict, path: Path) -> 
     title = (f"Language-specific neurons (lowest {sel['top_rate']:.0%} LAPE, activation bar "
              f"at the {sel['activation_bar_ratio']:.0%} quantile)")  # fmt: skip
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=min(len(models), 8), loc="upper center",
+              bbox_to_anchor=(0.5, -0.08))  # fmt: skip
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
