@@ -91,10 +91,10 @@ def test_write_tables_gives_csv_markdown_and_a_real_png(rows, tmp_path):
     assert not [p for p in (tmp_path / "tables").iterdir() if p.name.startswith(".")]
 
 
-def test_pruning_errors_keep_three_significant_digits(rows):
+def test_pruning_errors_are_printed_in_scientific_notation(rows):
     """Real models' pruning errors are ~1e-4: four fixed decimals printed 0.0001 for all."""
     ppl = [r for r in rows if r["metric"] == "ppl"]
     err = [r | {"task": "error", "metric": "pruning_error", "value": r["value"] * 1e-5}
            for r in ppl]  # fmt: skip
     md = to_markdown(build_tables(err)[0])
-    assert "| de | **0.00012 ± 1.41e-05** | 0.00031 ± 1.41e-05 |" in md
+    assert "| de | **1.20e-04 ± 1.41e-05** | 3.10e-04 ± 1.41e-05 |" in md
