@@ -136,6 +136,8 @@ def main() -> int:
 
     flags = _flags(args)
     rows = []
+    if args.dir:  # a folder to hold the temporary checkpoints: made if missing
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for layers in args.layers:
             root = Path(tmp) / f"llama-{layers}"

@@ -365,6 +365,7 @@ def _collect_stats(
     groups: list[list[tuple[str, nn.Module]]],
     kind: StatKind,
     cfg: EngineConfig,
+    forwards: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> list[InputStats]:
     """One pass over all windows, accumulating the statistics of ``groups``; the pass stops
     at the last group's input."""
@@ -383,9 +384,10 @@ def _collect_stats(
 
         handles.append(first.register_forward_pre_hook(hook))
     try:
-        for sl, args, kwargs in inputs.batches(cfg.batch_size):
-            with contextlib.suppress(_StopForward):
-                block(inputs.hidden[sl].to(cfg.device), *args, **kwargs)
+        with forwards():
+            for sl, args, kwargs in inputs.batches(cfg.batch_size):
+                with contextlib.suppress(_StopForward):
+                    block(inputs.hidden[sl].to(cfg.device), *args, **kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -393,10 +395,14 @@ def _collect_stats(
 
 
 @torch.inference_mode()
-def _run_block(block: nn.Module, inputs: BlockInputs, out: torch.Tensor, cfg: EngineConfig):
-    for sl, args, kwargs in inputs.batches(cfg.batch_size):
-        y = block_output(block(inputs.hidden[sl].to(cfg.device), *args, **kwargs))
-        out[sl] = y.to(out.device)
+def _run_block(
+    block: nn.Module, inputs: BlockInputs, out: torch.Tensor, cfg: EngineConfig,
+    forwards: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> None:  # fmt: skip
+    with forwards():
+        for sl, args, kwargs in inputs.batches(cfg.batch_size):
+            y = block_output(block(inputs.hidden[sl].to(cfg.device), *args, **kwargs))
+            out[sl] = y.to(out.device)
 
 
 def _solve_group(
@@ -485,6 +491,9 @@ class BlockIO:
     load: Callable[[int, nn.Module], None]
     release: Callable[[int, nn.Module], None]
     capture: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    # entered around each pass of calibration windows through a block (statistics and
+    # propagation): the streamed path serves their temporaries from the heap (stream.lean_malloc)
+    forwards: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 def in_memory_io(device: torch.device | str) -> BlockIO:
@@ -564,7 +573,9 @@ def compress_blocks(
         t0 = time.perf_counter()
         io.load(b, block)
         inputs.block = b
-        _compress_block(block, f"{prefix}.{b}", inputs, out, method, cfg, report, structure, timers)
+        _compress_block(
+            block, f"{prefix}.{b}", inputs, out, method, cfg, report, structure, timers, io.forwards
+        )
         io.release(b, block)
         report.block_seconds.append(time.perf_counter() - t0)
         inputs.hidden, out = out, inputs.hidden
@@ -583,6 +594,7 @@ def _compress_block(
     report: EngineReport,
     structure: dict[type, list[list[str]]],
     timers: _Timers,
+    forwards: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> None:
     """Calibrate and compress one block (on the device), then write its outputs to ``out``."""
     if type(block) not in structure:
@@ -592,7 +604,7 @@ def _compress_block(
     phases = [[g] for g in groups] if cfg.true_sequential else [groups]
     for phase in phases:
         t0 = time.perf_counter()
-        stats = _collect_stats(block, inputs, phase, method.stat, cfg)
+        stats = _collect_stats(block, inputs, phase, method.stat, cfg, forwards)
         t1 = time.perf_counter()
         for group, st in zip(phase, stats, strict=True):
             _solve_group(group, st, method, cfg, prefix, report)
@@ -600,5 +612,5 @@ def _compress_block(
         timers.statistics += t1 - t0
         timers.solve += time.perf_counter() - t1
     t0 = time.perf_counter()
-    _run_block(block, inputs, out, cfg)
+    _run_block(block, inputs, out, cfg, forwards)
     timers.forward += time.perf_counter() - t0
