@@ -192,6 +192,7 @@ def compress(
     stream: bool | str = False,
     max_shard_size: str | int = "5GB",
     true_sequential: bool = False,
+    propagate: str = "compressed",
     tokenizer=None,
     out: str | os.PathLike | None = None,
     format: str = "dense",
@@ -213,7 +214,8 @@ def compress(
     prune_cfg = prune_cfg or PruneConfig()
     engine_cfg = EngineConfig(
         method=method, prune=prune_cfg, device=device, batch_size=batch_size, offload=offload,
-        offload_dir=offload_dir, true_sequential=true_sequential, keep_masks=save_masks,
+        offload_dir=offload_dir, true_sequential=true_sequential, propagate=propagate,
+        keep_masks=save_masks,
         progress=progress, quant=quant,
     )  # fmt: skip
     mix = _check_settings(engine_cfg, format, dtype, stream, calib, source, nsamples, seqlen,
@@ -419,6 +421,8 @@ def _manifest(
     settings.update({k: _setting(k, prune_cfg, quant) for k in spec.settings})
     if streamed:
         settings["stream"] = True
+    if engine_cfg.propagate != "compressed":  # recorded where it differs from the reference
+        settings["propagate"] = engine_cfg.propagate
     return RunManifest(
         tool="polyprune",
         version=_version(),

@@ -117,6 +117,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="solve q/k/v -> o -> gate/up -> down in turn, each on the outputs of the "
         "groups already compressed",
     )
+    p.add_argument(
+        "--propagate",
+        choices=["compressed", "dense"],
+        default="compressed",
+        help="what each block is calibrated on: the outputs of the blocks before it once "
+        "compressed (the reference algorithms; default) or the dense model's (one forward "
+        "per block instead of two)",
+    )
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT / GPTQ column block")
     p.add_argument("--percdamp", type=float, default=0.01, help="damping, x mean(diag H)")
     p.add_argument("--out", required=True, metavar="DIR")
@@ -389,6 +397,7 @@ def _common(args) -> dict:
     """Arguments prune and quantize share: calibration, placement, output."""
     keys = ("calib", "source", "nsamples", "seqlen", "seed", "sampling", "device", "dtype",
             "batch_size", "offload", "offload_dir", "max_shard_size", "true_sequential",
+            "propagate",
             "blocksize", "percdamp", "out", "overwrite", "format", "bits", "group_size",
             "sym")  # fmt: skip
     return {k: getattr(args, k) for k in keys} | {

@@ -224,3 +224,22 @@ def test_input_errors_come_before_the_weights_are_loaded(
     monkeypatch.setattr(polyprune.api, "load_model", no_weights)
     with pytest.raises(InputError, match=match):
         polyprune.api.prune(tiny_model_dir("llama"), method="wanda", calib="de", **kwargs)
+
+
+def test_dense_propagation_is_recorded_and_refuses_true_sequential(
+    tiny_model_dir, tmp_path, capsys
+):
+    model_dir = tiny_model_dir("llama")
+    out = tmp_path / "dense"
+    assert cli(*prune_args(model_dir, out, "--propagate", "dense")) == 0
+    manifest = json.loads((out / "polyprune.json").read_text())
+    assert manifest["settings"]["propagate"] == "dense"
+    reference = tmp_path / "compressed"
+    assert cli(*prune_args(model_dir, reference)) == 0
+    assert "propagate" not in json.loads((reference / "polyprune.json").read_text())["settings"]
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert cli(*prune_args(model_dir, bad, "--propagate", "dense", "--true-sequential")) == 2
+    err = capsys.readouterr().err
+    assert "cannot be combined with --propagate dense" in err and err.count("\n") == 1, err
+    assert not bad.exists()

@@ -201,3 +201,57 @@ def test_blocks_run_on_captured_inputs_reproduce_the_models_hidden_states(family
             h = torch.cat([block_output(block(h[sl], *a, **k)) for sl, a, k in inputs.batches(4)])
         torch.testing.assert_close(h, ref[b + 1], rtol=1e-5, atol=1e-5)
     assert "forward" not in blocks[0].__dict__  # the identity stand-in is gone
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dense_propagation_calibrates_every_block_on_the_dense_model(family):
+    """--propagate dense: every block's statistics come from the dense model's own hidden
+    states (plain hooks on the untouched model here), so block 1's masks are those of Wanda on
+    the dense block 0's outputs, and differ from the sequential (compressed) scheme's."""
+    model = tiny_model(family)
+    dense = copy.deepcopy(model)
+    ids = windows()
+    run(model, "wanda", ids, propagate="dense")
+    _, pb = find_blocks(model)
+    _, db = find_blocks(dense)
+    for b in range(len(db)):
+        X = linear_inputs(dense, b, ids)
+        for name, mod in linear_layers(pb[b]).items():
+            W_dense = get_weight(linear_layers(db[b])[name])
+            ref = wanda_prune(W_dense, (X[name].float() ** 2).mean(0), PruneConfig(0.5))
+            assert torch.equal(get_weight(mod) == 0, ref.mask), (b, name)
+    sequential = copy.deepcopy(dense)
+    run(sequential, "wanda", ids)
+    _, sb = find_blocks(sequential)
+    assert any(
+        not torch.equal(get_weight(m) == 0, get_weight(linear_layers(pb[1])[n]) == 0)
+        for n, m in linear_layers(sb[1]).items()
+    )
+
+
+def test_dense_propagation_runs_each_block_once_per_batch():
+    model = tiny_model("llama")
+    _, blocks = find_blocks(model)
+    calls = {"dense": 0, "compressed": 0}
+    for propagate in calls:
+        m = copy.deepcopy(model)
+        _, bl = find_blocks(m)
+        hook = bl[1].register_forward_pre_hook(
+            lambda *a, p=propagate: calls.__setitem__(p, calls[p] + 1)
+        )
+        run(m, "sparsegpt", windows(n=8), batch_size=4, propagate=propagate)
+        hook.remove()
+    # 2 batches; the capture calls every block once per batch (to record its arguments), then
+    # dense: one pass (statistics and outputs), compressed: statistics, then outputs
+    assert calls == {"dense": 2 + 2, "compressed": 2 + 4}
+
+
+def test_dense_propagation_refuses_true_sequential_and_unknown_values():
+    from polyprune.errors import InputError
+
+    with pytest.raises(InputError, match="true-sequential"):
+        EngineConfig("wanda", propagate="dense", true_sequential=True)
+    with pytest.raises(
+        InputError, match="unknown propagation 'sideways'; allowed: compressed, dense"
+    ):
+        EngineConfig("wanda", propagate="sideways")

@@ -96,6 +96,11 @@ def engine_method(name: str) -> Method:
     return Method(spec.name, spec.statistic, solve, spec.stacked)
 
 
+# What block b + 1 is calibrated on: compressed (the outputs of block b once compressed: the
+# reference algorithms' sequential scheme) or dense (the dense block b's outputs, the same for
+# every calibration choice, so one forward per block both collects statistics and propagates).
+PROPAGATIONS = ("compressed", "dense")
+
 # Where the calibration activations live: auto (the device when both buffers fit in half its
 # free memory, host memory otherwise), none (the device), cpu (host), disk (a memory map).
 OFFLOADS = ("auto", "none", "cpu", "disk")
@@ -113,6 +118,7 @@ class EngineConfig:
     offload: str = "auto"  # one of OFFLOADS; activations move to the device per batch
     offload_dir: str | None = None  # directory of the --offload disk memory maps (default: TMP)
     quant: QuantConfig | None = None  # gptq / rtn, or joint sparsegpt + quantisation
+    propagate: str = "compressed"  # one of PROPAGATIONS
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
@@ -122,6 +128,15 @@ class EngineConfig:
             takers = [f"{s.name} (joint)" for s in methods("prune") if s.joint_quant]
             takers += [s.name for s in methods("quantize")]
             raise InputError(f"--bits works with {allowed(takers, ' or ')}, not with {self.method}")
+        if self.propagate not in PROPAGATIONS:
+            raise InputError(
+                f"unknown propagation {self.propagate!r}; allowed: {', '.join(PROPAGATIONS)}"
+            )
+        if self.propagate == "dense" and self.true_sequential:
+            raise InputError(
+                "--true-sequential calibrates each group on the compressed groups before it; "
+                "it cannot be combined with --propagate dense"
+            )
         if self.offload not in OFFLOADS:
             raise InputError(f"unknown offload {self.offload!r}; allowed: {', '.join(OFFLOADS)}")
         if self.offload_dir is not None and not os.path.isdir(self.offload_dir):
@@ -366,9 +381,11 @@ def _collect_stats(
     kind: StatKind,
     cfg: EngineConfig,
     forwards: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    out: torch.Tensor | None = None,
 ) -> list[InputStats]:
-    """One pass over all windows, accumulating the statistics of ``groups``; the pass stops
-    at the last group's input."""
+    """One pass over all windows, accumulating the statistics of ``groups``. The pass stops
+    at the last group's input, unless the block's outputs are wanted in ``out`` (dense
+    propagation: the statistics and the next block's inputs from one forward)."""
     stats = []
     handles = []
     for gi, group in enumerate(groups):
@@ -379,7 +396,7 @@ def _collect_stats(
 
         def hook(module, args, st=st, last=last):
             st.update(args[0])
-            if last:
+            if last and out is None:
                 raise _StopForward
 
         handles.append(first.register_forward_pre_hook(hook))
@@ -387,7 +404,9 @@ def _collect_stats(
         with forwards():
             for sl, args, kwargs in inputs.batches(cfg.batch_size):
                 with contextlib.suppress(_StopForward):
-                    block(inputs.hidden[sl].to(cfg.device), *args, **kwargs)
+                    y = block(inputs.hidden[sl].to(cfg.device), *args, **kwargs)
+                    if out is not None:
+                        out[sl] = block_output(y).to(out.device)
     finally:
         for h in handles:
             h.remove()
@@ -601,6 +620,15 @@ def _compress_block(
         probed = _probe_groups(block, inputs, cfg.batch_size, cfg.device)
         structure[type(block)] = [[name for name, _ in g] for g in probed]
     groups = [[(name, block.get_submodule(name)) for name in g] for g in structure[type(block)]]
+    if cfg.propagate == "dense":  # one forward: statistics and the dense outputs
+        t0 = time.perf_counter()
+        stats = _collect_stats(block, inputs, groups, method.stat, cfg, forwards, out=out)
+        t1 = time.perf_counter()
+        for group, st in zip(groups, stats, strict=True):
+            _solve_group(group, st, method, cfg, prefix, report)
+        timers.statistics += t1 - t0
+        timers.solve += time.perf_counter() - t1
+        return
     phases = [[g] for g in groups] if cfg.true_sequential else [groups]
     for phase in phases:
         t0 = time.perf_counter()
