@@ -163,3 +163,17 @@ def test_mix_of_a_language_never_seen_is_input_error():
         ls.mix({"de": 1, "en": 1})
     with pytest.raises(InputError, match="no statistics for fr"):
         ls.update("fr", torch.randn(2, 4, DIM))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton Hessian path)")
+@pytest.mark.parametrize("storage", ["device", "cpu", "disk"])
+def test_on_cuda_every_storage_gives_the_device_bits_and_the_cpu_values(pools, storage):
+    xs = {lang: activations(s.input_ids) for lang, s in pools.items()}
+    on = language_stats({k: x.cuda() for k, x in xs.items()}, "hessian", device="cuda")
+    ls = language_stats({k: x.cuda() for k, x in xs.items()}, "hessian", device="cuda",
+                        storage=storage)  # fmt: skip
+    cpu = language_stats(xs, "hessian")
+    weights = {"de": 1, "en": 2, "sw": 1}
+    assert torch.equal(ls.mix(weights).H, on.mix(weights).H)
+    assert torch.equal(ls.mix({"sw": 1}).H, on.get("sw").H)
+    assert rel_err(ls.mix(weights).H.cpu(), cpu.mix(weights).H) < 1e-5
