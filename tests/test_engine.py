@@ -44,12 +44,13 @@ def test_every_block_linear_is_pruned_and_nothing_else(family, method):
 
 
 def test_llama_groups_share_inputs_in_call_order():
-    from polyprune.compress.engine import _probe_groups, capture_block_inputs
+    from polyprune.compress.capture import capture_block_inputs
+    from polyprune.compress.passes import probe_groups
 
     model = tiny_model("llama")
     _, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks, windows(), "cpu", 4, progress=False)
-    groups = [[n for n, _ in g] for g in _probe_groups(blocks[0], inputs, 4, "cpu")]
+    groups = [[n for n, _ in g] for g in probe_groups(blocks[0], inputs, 4, "cpu")]
     assert groups == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
         ["self_attn.o_proj"],
@@ -185,7 +186,7 @@ def tiny_gemma3(seed: int = 0):
 def test_blocks_run_on_captured_inputs_reproduce_the_models_hidden_states(family):
     """Each block gets its own captured arguments (Gemma 3: sliding vs full masks and rotary
     tables); block 0's arguments for every block would fail this on gemma3."""
-    from polyprune.compress.engine import block_output, capture_block_inputs
+    from polyprune.compress.capture import block_output, capture_block_inputs
 
     model = tiny_gemma3() if family == "gemma3" else tiny_model(family).eval()
     _, blocks = find_blocks(model)

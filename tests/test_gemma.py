@@ -92,13 +92,14 @@ def test_lape_counts_gelu_gate_activity_on_tiny_gemma():
 
 
 def test_probe_groups_linears_by_shared_input_on_tiny_gemma():
-    from polyprune.compress.engine import _probe_groups, capture_block_inputs
+    from polyprune.compress.capture import capture_block_inputs
+    from polyprune.compress.passes import probe_groups
 
     model = tiny_gemma()
     blocks = model.model.layers
     inputs = capture_block_inputs(model, blocks, torch.randint(2, VOCAB, (2, 12)), "cpu", 2,
                                   progress=False)  # fmt: skip
-    groups = _probe_groups(blocks[0], inputs, 2, "cpu")
+    groups = probe_groups(blocks[0], inputs, 2, "cpu")
     assert [[name for name, _ in g] for g in groups] == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
         ["self_attn.o_proj"],

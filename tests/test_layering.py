@@ -18,7 +18,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "polyprune"
 # the module and everything under it; the most specific name decides (``polyprune`` itself is
 # only the package's ``__init__``: its version and lazy re-exports).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("ground", ("polyprune", "polyprune.errors", "polyprune.checks", "polyprune.outputs")),
+    (
+        "ground",
+        (
+            "polyprune",
+            "polyprune.errors",
+            "polyprune.checks",
+            "polyprune.locks",
+            "polyprune.outputs",
+        ),
+    ),
     ("kernels", ("polyprune.kernels",)),
     ("data", ("polyprune.data",)),
     (
@@ -29,7 +38,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("analysis", ("polyprune.analysis",)),
     ("api", ("polyprune.api",)),
     ("eval", ("polyprune.eval",)),
-    ("cli", ("polyprune.cli",)),
+    ("cli", ("polyprune.cli", "polyprune.cli_commands")),
 )
 
 

@@ -1,13 +1,12 @@
 """The one layer-by-layer engine for every Hugging Face decoder.
 
-1. Capture the inputs of block 0 once: a forward pre-hook on block 0 stores its hidden states
-   and the other arguments the model passes it (attention mask, positions, rotary embeddings)
-   and stops the forward. The windows are unpadded and all ``seqlen`` long, so those other
-   arguments depend only on the batch size and are kept once per batch size.
+1. Capture the inputs of block 0 once, and the other arguments the model passes each block
+   (attention mask, positions, rotary embeddings): :mod:`polyprune.compress.capture`.
 2. For each block: move it to the device, find which Linears read the same tensor (a probe
    forward on one batch; they then share one statistics accumulator), accumulate statistics
    with forward pre-hooks, solve each Linear, re-run the compressed block to produce the inputs
-   of the next block, and move it back.
+   of the next block, and move it back. The passes through a block are in
+   :mod:`polyprune.compress.passes`; the plumbing around them is here.
 
 By default all groups of a block are calibrated from one pass over the dense block, as the
 Wanda repository does. With ``true_sequential`` the groups (q/k/v -> o -> gate/up -> down for
@@ -34,9 +33,8 @@ import functools
 import importlib
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,27 +43,40 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from polyprune.checks import check_device
+from polyprune.compress.capture import (
+    Allocator,
+    BlockInputs,
+    block_output,
+    capture_block_inputs,
+    memmap_tensor,
+)
 from polyprune.compress.masks import pack_mask
 from polyprune.compress.methods import allowed, get_method, methods
+from polyprune.compress.passes import collect_stats, probe_groups, run_block
 from polyprune.compress.quant import QuantConfig, QuantTensors
 from polyprune.compress.solver import PruneConfig, SolverResult
 from polyprune.compress.stats import InputStats, StatKind
 from polyprune.errors import InputError
 from polyprune.models import find_blocks, get_weight, linear_layers, set_weight
 
+# BlockInputs, block_output and capture_block_inputs live in polyprune.compress.capture; they
+# stay importable from here for the modules that import them from the engine
 __all__ = [
     "OFFLOADS",
     "BlockIO",
+    "BlockInputs",
     "check_widths",
     "EngineConfig",
     "EngineReport",
     "LayerRecord",
     "Method",
+    "activation_allocator",
     "block_output",
     "capture_block_inputs",
     "compress_blocks",
     "compress_model",
     "engine_method",
+    "in_memory_io",
 ]
 
 logger = logging.getLogger(__name__)
@@ -171,35 +182,6 @@ class EngineReport:
         return zeros / total if total else 0.0
 
 
-class _StopForward(Exception):
-    """Raised from a hook once a forward pass has given all that is needed of it."""
-
-
-@dataclass
-class BlockInputs:
-    """Calibration activations and the other arguments each decoder block is called with.
-
-    Blocks of one model need not share their arguments: Gemma 2/3, Qwen2 and Mistral pass each
-    layer type its own attention mask (sliding or full), and Gemma 3 its own rotary table
-    (theta 10k local, 1M global). So the arguments are kept per block; ``block`` selects whose
-    ``batches`` yields.
-    """
-
-    hidden: torch.Tensor  # (N, T, H)
-    extra: list[dict[int, tuple[tuple, dict]]]  # per block: batch size -> (args after x, kwargs)
-    block: int = 0
-
-    def batches(self, batch_size: int):
-        extra = self.extra[self.block]
-        for start in range(0, self.hidden.shape[0], batch_size):
-            end = min(start + batch_size, self.hidden.shape[0])
-            args, kwargs = extra[end - start]
-            yield slice(start, end), args, kwargs
-
-
-Allocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
-
-
 def activation_allocator(cfg: EngineConfig) -> Allocator:
     """Allocates the calibration activation buffers where ``cfg.offload`` says."""
 
@@ -215,213 +197,10 @@ def activation_allocator(cfg: EngineConfig) -> Allocator:
                 where = "none" if 2 * nbytes <= free // 2 else "cpu"
         logger.debug("calibration activations %s (%.1f MiB) on %s", shape, nbytes / 2**20, where)
         if where == "disk":
-            return _memmap(shape, dtype, cfg.offload_dir)
+            return memmap_tensor(shape, dtype, cfg.offload_dir)
         return torch.empty(shape, dtype=dtype, device=cfg.device if where == "none" else "cpu")
 
     return alloc
-
-
-def _memmap(shape: tuple[int, ...], dtype: torch.dtype, directory: str | None) -> torch.Tensor:
-    """A tensor backed by a file mapped into memory: the kernel pages it in and out, so host
-    memory holds only what a batch touches. The file is unlinked at once; the mapping keeps its
-    space until the tensor is freed, and nothing is left behind if the run dies."""
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    fd, path = tempfile.mkstemp(prefix="polyprune-activations-", suffix=".bin", dir=directory)
-    os.close(fd)
-    try:
-        mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(nbytes,))
-    finally:
-        os.unlink(path)
-    return torch.from_numpy(mm).view(dtype).view(shape)
-
-
-def _outside_tensors(model: nn.Module, blocks: nn.Module) -> Iterator[tuple[dict, str]]:
-    """(owner dict, key) of every materialised parameter and buffer outside ``blocks``; tensors
-    still on the meta device (a streamed skeleton) are skipped."""
-    inside = {id(m) for m in blocks.modules()}
-    for mod in model.modules():
-        if id(mod) in inside:
-            continue
-        for table in (mod._parameters, mod._buffers):
-            for key, t in table.items():
-                if t is not None and not t.is_meta:
-                    yield table, key
-
-
-def _move_outside(model: nn.Module, blocks: nn.Module, device: torch.device | str) -> None:
-    """Move every parameter and buffer of ``model`` except those of ``blocks`` to ``device``."""
-    for table, key in list(_outside_tensors(model, blocks)):
-        t = table[key]
-        if isinstance(t, nn.Parameter):
-            t.data = t.data.to(device)
-        else:
-            table[key] = t.to(device)
-
-
-@torch.inference_mode()
-def capture_block_inputs(
-    model: nn.Module,
-    blocks: nn.ModuleList,
-    input_ids: torch.Tensor,
-    device: torch.device | str,
-    batch_size: int,
-    progress: bool = True,
-    storage: torch.device | str | None = None,
-    alloc: Allocator | None = None,
-) -> BlockInputs:
-    """Run the model's own forward over every batch of windows with each decoder block
-    replaced by the identity, keeping block 0's inputs on ``storage`` (default: the device
-    the model runs on), or in a buffer from ``alloc``, and every block's other arguments.
-
-    The blocks are not computed (their weights may still be on the meta device); the model's
-    forward only builds what it hands each block (masks, rotary tables), and stops at the
-    last block, before the final norm and lm_head.
-    """
-    N = input_ids.shape[0]
-    state: dict = {"hidden": None, "slice": None}
-    extra: list[dict[int, tuple[tuple, dict]]] = [{} for _ in blocks]
-
-    def record(b: int, args, kwargs):
-        kwargs = dict(kwargs)
-        x = args[0] if args else kwargs.pop("hidden_states")
-        if b == 0:
-            if state["hidden"] is None:
-                shape = (N, *x.shape[1:])
-                if alloc is not None:
-                    state["hidden"] = alloc(shape, x.dtype)
-                else:
-                    where = x.device if storage is None else storage
-                    state["hidden"] = torch.empty(shape, dtype=x.dtype, device=where)
-            state["hidden"][state["slice"]] = x.to(state["hidden"].device)
-        rows = state["slice"].stop - state["slice"].start
-        if x.shape[0] != rows:  # a forward that indexes a block's output ([0]) breaks here
-            raise RuntimeError(
-                f"{type(model).__name__} does not hand block {b} the previous block's output "
-                f"(batch {x.shape[0]}, expected {rows}); polyprune needs transformers >= 4.56"
-            )
-        extra[b].setdefault(rows, (tuple(args[1:]), kwargs))
-        if b == len(blocks) - 1:
-            raise _StopForward
-
-    def identity(*args, **kwargs):
-        return args[0] if args else kwargs["hidden_states"]
-
-    home = next((model_t[k].device for model_t, k in _outside_tensors(model, blocks)), "cpu")
-    handles = [
-        block.register_forward_pre_hook(
-            lambda m, args, kwargs, b=b: record(b, args, kwargs), with_kwargs=True
-        )
-        for b, block in enumerate(blocks)
-    ]
-    own_forward = [block.__dict__.get("forward") for block in blocks]  # e.g. accelerate's
-    for block in blocks:
-        block.forward = identity  # an instance attribute shadows the class's forward
-    _move_outside(model, blocks, device)
-    try:
-        starts = range(0, N, batch_size)
-        for start in tqdm(starts, desc="capture", disable=not progress, leave=False):
-            state["slice"] = slice(start, min(start + batch_size, N))
-            with contextlib.suppress(_StopForward):
-                model(input_ids[state["slice"]].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        for block, forward in zip(blocks, own_forward, strict=True):
-            del block.forward
-            if forward is not None:
-                block.forward = forward
-        _move_outside(model, blocks, home)
-    return BlockInputs(state["hidden"], extra)
-
-
-def block_output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.inference_mode()
-def _probe_groups(
-    block: nn.Module, inputs: BlockInputs, batch_size: int, device
-) -> list[list[tuple[str, nn.Module]]]:
-    """Linears grouped by the tensor they read, groups in the order the block calls them.
-
-    Each input tensor is held until the probe ends, so two live tensors with the same data
-    pointer, shape and strides are the same tensor.
-    """
-    layers = linear_layers(block)
-    seen: list[tuple[str, torch.Tensor]] = []
-    handles = [
-        mod.register_forward_pre_hook(lambda m, args, name=name: seen.append((name, args[0])))
-        for name, mod in layers.items()
-    ]
-    try:
-        sl, args, kwargs = next(inputs.batches(batch_size))
-        block(inputs.hidden[sl].to(device), *args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    groups: dict[tuple, list[tuple[str, nn.Module]]] = {}
-    done: set[str] = set()
-    for name, x in seen:
-        if name in done:
-            continue
-        done.add(name)
-        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
-        groups.setdefault(key, []).append((name, layers[name]))
-    missing = set(layers) - done
-    if missing:
-        logger.warning("Linears never called by the block are left as they are: %s", missing)
-    return list(groups.values())
-
-
-@torch.inference_mode()
-def _collect_stats(
-    block: nn.Module,
-    inputs: BlockInputs,
-    groups: list[list[tuple[str, nn.Module]]],
-    kind: StatKind,
-    cfg: EngineConfig,
-    forwards: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    out: torch.Tensor | None = None,
-) -> list[InputStats]:
-    """One pass over all windows, accumulating the statistics of ``groups``. The pass stops
-    at the last group's input, unless the block's outputs are wanted in ``out`` (dense
-    propagation: the statistics and the next block's inputs from one forward)."""
-    stats = []
-    handles = []
-    for gi, group in enumerate(groups):
-        first = group[0][1]
-        st = InputStats(kind, get_weight(first).shape[1], device=cfg.device)
-        stats.append(st)
-        last = gi == len(groups) - 1
-
-        def hook(module, args, st=st, last=last):
-            st.update(args[0])
-            if last and out is None:
-                raise _StopForward
-
-        handles.append(first.register_forward_pre_hook(hook))
-    try:
-        with forwards():
-            for sl, args, kwargs in inputs.batches(cfg.batch_size):
-                with contextlib.suppress(_StopForward):
-                    y = block(inputs.hidden[sl].to(cfg.device), *args, **kwargs)
-                    if out is not None:
-                        out[sl] = block_output(y).to(out.device)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
-
-
-@torch.inference_mode()
-def _run_block(
-    block: nn.Module, inputs: BlockInputs, out: torch.Tensor, cfg: EngineConfig,
-    forwards: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> None:  # fmt: skip
-    with forwards():
-        for sl, args, kwargs in inputs.batches(cfg.batch_size):
-            y = block_output(block(inputs.hidden[sl].to(cfg.device), *args, **kwargs))
-            out[sl] = y.to(out.device)
 
 
 def _solve_group(
@@ -617,12 +396,14 @@ def _compress_block(
 ) -> None:
     """Calibrate and compress one block (on the device), then write its outputs to ``out``."""
     if type(block) not in structure:
-        probed = _probe_groups(block, inputs, cfg.batch_size, cfg.device)
+        probed = probe_groups(block, inputs, cfg.batch_size, cfg.device)
         structure[type(block)] = [[name for name, _ in g] for g in probed]
     groups = [[(name, block.get_submodule(name)) for name in g] for g in structure[type(block)]]
     if cfg.propagate == "dense":  # one forward: statistics and the dense outputs
         t0 = time.perf_counter()
-        stats = _collect_stats(block, inputs, groups, method.stat, cfg, forwards, out=out)
+        stats = collect_stats(
+            block, inputs, groups, method.stat, cfg.batch_size, cfg.device, forwards, out=out
+        )
         t1 = time.perf_counter()
         for group, st in zip(groups, stats, strict=True):
             _solve_group(group, st, method, cfg, prefix, report)
@@ -632,7 +413,9 @@ def _compress_block(
     phases = [[g] for g in groups] if cfg.true_sequential else [groups]
     for phase in phases:
         t0 = time.perf_counter()
-        stats = _collect_stats(block, inputs, phase, method.stat, cfg, forwards)
+        stats = collect_stats(
+            block, inputs, phase, method.stat, cfg.batch_size, cfg.device, forwards
+        )
         t1 = time.perf_counter()
         for group, st in zip(phase, stats, strict=True):
             _solve_group(group, st, method, cfg, prefix, report)
@@ -640,5 +423,5 @@ def _compress_block(
         timers.statistics += t1 - t0
         timers.solve += time.perf_counter() - t1
     t0 = time.perf_counter()
-    _run_block(block, inputs, out, cfg, forwards)
+    run_block(block, inputs, out, cfg.batch_size, cfg.device, forwards)
     timers.forward += time.perf_counter() - t0

@@ -114,7 +114,12 @@ def obs_solve(
     quant: QuantConfig | None = None,
     name: str = "",
 ) -> ObsResult:
-    """Prune (``sparsity`` or N:M) and/or quantise (``quant``) W (rows, cols) given H."""
+    """Prune (``sparsity`` or N:M) and/or quantise (``quant``) W (rows, cols) given H.
+
+    Over 80 lines on purpose: one loop, as SparseGPT's ``fasterprune`` and GPTQ's
+    ``fasterquant``, whose running tensors (W1T, ErrT, Hinv1, mask1, the grids) every step
+    updates; split, each piece would take them all as arguments and the loop no longer reads
+    like the paper's Algorithm 1."""
     rows, cols = W.shape
     W = W.float().clone()
     segments = segments or [rows]

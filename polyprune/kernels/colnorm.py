@@ -14,17 +14,21 @@ from __future__ import annotations
 import torch
 
 from polyprune.kernels.dispatch import triton_available, use_triton
+from polyprune.kernels.launch import (
+    FLOAT_INPUTS,
+    check_dtype,
+    check_shapes,
+    ensure_contiguous,
+    require_triton,
+)
 
 __all__ = ["colsq_update", "colsq_update_torch", "colsq_update_triton"]
 
 
 def _check(s: torch.Tensor, X: torch.Tensor) -> None:
-    if X.dim() != 2 or s.shape != (X.shape[1],):
-        raise ValueError(f"expected X (b, d) and s (d,), got {tuple(X.shape)}, {tuple(s.shape)}")
-    if s.dtype != torch.float32:
-        raise ValueError(f"s must be float32, got {s.dtype}")
-    if X.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"X must be float32, float16 or bfloat16, got {X.dtype}")
+    check_shapes(X.dim() == 2 and s.shape == (X.shape[1],), "X (b, d) and s (d,)", X, s)
+    check_dtype("s", s, torch.float32)
+    check_dtype("X", X, *FLOAT_INPUTS)
 
 
 def colsq_update_torch(s: torch.Tensor, n: int, X: torch.Tensor) -> None:
@@ -65,9 +69,8 @@ def colsq_update_triton(
     s: torch.Tensor, n: int, X: torch.Tensor, block_d: int = 128, block_t: int = 32
 ) -> None:
     _check(s, X)
-    if not triton_available():
-        raise RuntimeError("Triton is not importable")
-    X = X.contiguous()
+    require_triton()
+    (X,) = ensure_contiguous(X)
     b, d = X.shape
     _colsq_kernel[(triton.cdiv(d, block_d),)](
         X, s, b, d, X.stride(0), n / (n + b), 1.0 / (n + b), BLOCK_D=block_d, BLOCK_T=block_t

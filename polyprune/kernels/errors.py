@@ -11,15 +11,13 @@ from __future__ import annotations
 import torch
 
 from polyprune.kernels.dispatch import triton_available, use_triton
+from polyprune.kernels.launch import check_shapes, ensure_contiguous, require_triton
 
 __all__ = ["error_sums", "error_sums_torch", "error_sums_triton"]
 
 
 def _check(h, h2):
-    if h.shape != h2.shape or h.dim() != 2:
-        raise ValueError(
-            f"expected h and h' of one shape (T, d), got {tuple(h.shape)}, {tuple(h2.shape)}"
-        )
+    check_shapes(h.shape == h2.shape and h.dim() == 2, "h and h' of one shape (T, d)", h, h2)
 
 
 def error_sums_torch(h: torch.Tensor, h2: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
@@ -67,9 +65,8 @@ def error_sums_triton(
     h: torch.Tensor, h2: torch.Tensor, block_t: int = 16, block_d: int = 256
 ) -> tuple[float, float]:
     _check(h, h2)
-    if not triton_available():
-        raise RuntimeError("Triton is not importable")
-    h, h2 = h.contiguous(), h2.contiguous()
+    require_triton()
+    h, h2 = ensure_contiguous(h, h2)
     T, D = h.shape
     grid = triton.cdiv(T, block_t)
     out = torch.empty((grid, 2), dtype=torch.float32, device=h.device)

@@ -19,6 +19,15 @@ from __future__ import annotations
 import torch
 
 from polyprune.kernels.dispatch import triton_available, use_triton
+from polyprune.kernels.launch import (
+    FLOAT_INPUTS,
+    check_contiguous,
+    check_dtype,
+    check_same_device,
+    check_shapes,
+    ensure_contiguous,
+    require_triton,
+)
 
 __all__ = [
     "TILE",
@@ -33,14 +42,11 @@ TILE = 256
 
 
 def _check(H: torch.Tensor, X: torch.Tensor) -> None:
-    if X.dim() != 2 or H.shape != (X.shape[1], X.shape[1]):
-        raise ValueError(f"expected X (b, d) and H (d, d), got {tuple(X.shape)}, {tuple(H.shape)}")
-    if H.dtype != torch.float32:
-        raise ValueError(f"H must be float32, got {H.dtype}")
-    if X.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"X must be float32, float16 or bfloat16, got {X.dtype}")
-    if X.device != H.device:
-        raise ValueError(f"X on {X.device} but H on {H.device}")
+    d = X.shape[1] if X.dim() == 2 else -1
+    check_shapes(X.dim() == 2 and H.shape == (d, d), "X (b, d) and H (d, d)", X, H)
+    check_dtype("H", H, torch.float32)
+    check_dtype("X", X, *FLOAT_INPUTS)
+    check_same_device(X=X, H=H)
 
 
 def hessian_update_upper(H: torch.Tensor, n: int, X: torch.Tensor, tile: int = TILE) -> None:
@@ -120,11 +126,9 @@ def hessian_update_triton(
 ) -> None:
     """Triton path: in place on all of H (kept symmetric). X (b, d), H (d, d) fp32."""
     _check(H, X)
-    if not triton_available():
-        raise RuntimeError("Triton is not importable")
-    X = X.contiguous()
-    if not H.is_contiguous():
-        raise ValueError("H must be contiguous")
+    require_triton()
+    (X,) = ensure_contiguous(X)
+    check_contiguous("H", H)
     b, d = X.shape
     grid = (triton.cdiv(d, block_d), triton.cdiv(d, block_d))
     _hessian_kernel[grid](

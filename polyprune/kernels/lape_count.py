@@ -12,18 +12,22 @@ from __future__ import annotations
 import torch
 
 from polyprune.kernels.dispatch import triton_available, use_triton
+from polyprune.kernels.launch import (
+    check_contiguous,
+    check_dtype,
+    check_shapes,
+    ensure_contiguous,
+    require_triton,
+)
 
 __all__ = ["lape_count", "lape_count_torch", "lape_count_triton"]
 
 
 def _check(A, counts, sums, lang):
-    if A.dim() != 2 or counts.shape != sums.shape or counts.shape[1] != A.shape[1]:
-        raise ValueError(
-            f"expected A (T, N), counts and sums (L, N); got {tuple(A.shape)}, "
-            f"{tuple(counts.shape)}, {tuple(sums.shape)}"
-        )
-    if counts.dtype != torch.int64 or sums.dtype != torch.float32:
-        raise ValueError("counts must be int64 and sums float32")
+    ok = A.dim() == 2 and counts.shape == sums.shape and counts.shape[1] == A.shape[1]
+    check_shapes(ok, "A (T, N), counts and sums (L, N)", A, counts, sums)
+    check_dtype("counts", counts, torch.int64)
+    check_dtype("sums", sums, torch.float32)
     if not 0 <= lang < counts.shape[0]:
         raise ValueError(f"language id {lang} outside [0, {counts.shape[0]})")
 
@@ -70,11 +74,9 @@ def lape_count_triton(
     block_n: int = 128, block_t: int = 32,
 ) -> None:  # fmt: skip
     _check(A, counts, sums, lang)
-    if not triton_available():
-        raise RuntimeError("Triton is not importable")
-    if not (counts.is_contiguous() and sums.is_contiguous()):
-        raise ValueError("counts and sums must be contiguous")
-    A = A.contiguous()
+    require_triton()
+    check_contiguous("counts and sums", counts, sums)
+    (A,) = ensure_contiguous(A)
     T, N = A.shape
     _lape_kernel[(triton.cdiv(N, block_n),)](
         A, counts, sums, T, N, A.stride(0), lang * N, BLOCK_N=block_n, BLOCK_T=block_t

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from polyprune.kernels.dispatch import triton_available, use_triton
+from polyprune.kernels.launch import check_shapes, ensure_contiguous, require_triton
 from polyprune.kernels.topk_mask import nm_mask, smallest_k_mask
 
 __all__ = ["wanda_mask", "wanda_mask_torch", "wanda_mask_triton"]
@@ -113,13 +114,10 @@ if triton_available():
 def wanda_mask_triton(
     W: torch.Tensor, colsq: torch.Tensor, k: int = 0, n: int = 0, m: int = 0, block: int = 1024
 ) -> torch.Tensor:
-    if W.dim() != 2 or colsq.shape != (W.shape[1],):
-        raise ValueError(
-            f"expected W (R, C) and colsq (C,), got {tuple(W.shape)}, {tuple(colsq.shape)}"
-        )
-    if not triton_available():
-        raise RuntimeError("Triton is not importable")
-    W = W.contiguous()
+    ok = W.dim() == 2 and colsq.shape == (W.shape[1],)
+    check_shapes(ok, "W (R, C) and colsq (C,)", W, colsq)
+    require_triton()
+    (W,) = ensure_contiguous(W)
     rows, cols = W.shape
     norm = torch.sqrt(colsq.float()).contiguous()
     out = torch.empty((rows, cols), dtype=torch.int8, device=W.device)
