@@ -248,10 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--compressed", required=True, nargs="+", metavar="DIR",
                    help="polyprune outputs of the dense model")  # fmt: skip
     a.add_argument("--langs", required=True, help="evaluation languages, e.g. ar,de,en,sw")
+    from polyprune.analysis.metric import metric_names  # torch-free: --help stays fast
+
     a.add_argument(
         "--metrics",
         default=None,
-        help="comma-separated subset of snr,error,iou,lsar,lape (default: all that apply; "
+        help=f"comma-separated subset of {','.join(metric_names())} (default: all that apply; "
         "iou needs runs pruned with --save-masks)",
     )
     a.add_argument("--source", default="bundled", help="held-out text: bundled, mc4[:N], DIR")

@@ -247,6 +247,7 @@ def test_analyze_refuses_runs_it_cannot_use(runs, tmp_path, tiny_model_dir, caps
 
 def test_lsar_prompt_means_leave_special_tokens_out(tokenizer):
     from polyprune.analysis.analyze import AnalysisConfig, _run_pass, _token_mask
+    from polyprune.analysis.metric import PassContext, get_metric
 
     model = tiny_model("llama", layers=2).eval()
     ids = torch.randint(2, 300, (4, 10), generator=torch.Generator().manual_seed(2))
@@ -254,7 +255,8 @@ def test_lsar_prompt_means_leave_special_tokens_out(tokenizer):
     keep = _token_mask(ids, tokenizer)
     assert keep.sum().item() == 37 and keep[0, 3] == 0
     cfg = AnalysisConfig(langs=("de", "en"), batch_size=3, progress=False)
-    res = _run_pass({"dense": model}, ids, [slice(0, 2), slice(2, 4)], keep, cfg, ("lsar",), 2)
+    ctx = PassContext(cfg, [], segments=[slice(0, 2), slice(2, 4)], keep=keep)
+    means = _run_pass({"dense": model}, ids, ctx, [get_metric("lsar")])["lsar"]
     outs = []
     hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple)
                                                                  else o))
@@ -266,4 +268,34 @@ def test_lsar_prompt_means_leave_special_tokens_out(tokenizer):
     for layer, h in enumerate(outs):
         special = ids == tokenizer.eos_token_id
         expected = torch.stack([h[i][~special[i]].mean(0) for i in range(4)])
-        torch.testing.assert_close(res.embeddings["dense"][layer], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(means["dense"][layer], expected, atol=1e-5, rtol=1e-5)
+
+
+# --- the metric registry ---------------------------------------------------------------------
+
+
+def test_registry_names_are_what_analyze_metrics_accepts(capsys):
+    """Every registered metric is accepted by ``--metrics`` (and offered in its help), an
+    unregistered name is refused, and each name maps to a metric object of that name."""
+    from polyprune.analysis.analyze import METRICS, AnalysisConfig
+    from polyprune.analysis.metric import get_metric, metric_names
+    from polyprune.errors import InputError
+
+    names = metric_names()
+    assert names == METRICS == ("snr", "error", "iou", "lsar", "lape")
+    for name in names:
+        assert get_metric(name).name == name
+        assert AnalysisConfig(langs=("de", "en"), metrics=(name,)).metrics == (name,)
+    with pytest.raises(InputError, match="unknown metric 'bogus'"):
+        AnalysisConfig(langs=("de", "en"), metrics=("bogus",))
+    assert cli("analyze", "--help") == 0
+    assert f"subset of {','.join(names)} " in " ".join(capsys.readouterr().out.split())
+
+
+def test_matrix_analyses_are_the_registry_metrics_with_a_row():
+    from polyprune.analysis.metric import get_metric, metric_names
+    from polyprune.eval.matrix import ANALYSES
+
+    assert ANALYSES == {"snr": "snr_db", "error": "pruning_error"}
+    assert all(get_metric(n).row_metric == r for n, r in ANALYSES.items())
+    assert set(ANALYSES) < set(metric_names())

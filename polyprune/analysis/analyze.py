@@ -12,18 +12,18 @@ three of the diagnostics at once:
 * LAPE: hooks on the gated MLPs (any activation) count activations per language while the blocks run
   (``lape.py``);
 
-and mask IoU is computed from the runs' saved masks, one Linear at a time (``iou.py``). The
-result is one JSON-able dict, which ``report.py`` turns into plots, ``report.md`` and
-``metrics.json``. The held-out text is the source's held-out split (never used for
-calibration): per language, the first ``nsamples`` windows of ``seqlen`` tokens of its
-EOS-joined documents, each starting with BOS where the tokenizer adds one (``data.windows``).
+and mask IoU is computed from the runs' saved masks, one Linear at a time (``iou.py``). Each
+diagnostic is a metric of the registry (``metric.py``) that owns its accumulation, aggregation
+and report section; this module only checks, runs the pass and orchestrates. The result is one
+JSON-able dict, which ``report.py`` turns into plots, ``report.md`` and ``metrics.json``.
+The held-out text is the source's held-out split (never used for calibration): per language,
+the first ``nsamples`` windows of ``seqlen`` tokens of its EOS-joined documents, each starting
+with BOS where the tokenizer adds one (``data.windows``).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,17 +32,7 @@ from torch import nn
 
 from polyprune.analysis.checks import check_masks, check_runs_match
 from polyprune.analysis.hidden import lockstep_block_outputs
-from polyprune.analysis.iou import MaskFile, group_of, pair_counts, ratio
-from polyprune.analysis.lape import (
-    GATED_PARTS,
-    LapeCounter,
-    box_stats,
-    gated_mlps,
-    neuron_groups,
-    select_language_neurons,
-)
-from polyprune.analysis.lsar import lsar_subspace, projected_change, projected_norms
-from polyprune.analysis.snr import LayerErrorStats
+from polyprune.analysis.metric import Metric, PassContext, get_metric, metric_names
 from polyprune.checks import check_device, check_dtype
 from polyprune.compress.manifest import MASKS, RunManifest
 from polyprune.errors import InputError
@@ -51,7 +41,7 @@ __all__ = ["METRICS", "AnalysisConfig", "Run", "analyze", "describe_runs", "held
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("snr", "error", "iou", "lsar", "lape")
+METRICS = metric_names()  # the registry's (polyprune.analysis.metric), in report order
 
 
 @dataclass(frozen=True)
@@ -166,33 +156,20 @@ def _disambiguate(runs: list[Run], suffix) -> None:
             r.label += suffix(r)
 
 
-def _choose_metrics(cfg: AnalysisConfig, runs: list[Run], gated: bool) -> tuple[str, ...]:
-    """The metrics to compute; an explicitly named one that cannot run is an InputError."""
-    explicit = cfg.metrics is not None
-    wanted = list(cfg.metrics or METRICS)
-
-    def drop(metric: str, why: str) -> None:
-        if explicit:
-            raise InputError(f"metric {metric}: {why}")
-        logger.warning("skipping %s: %s", metric, why)
-        wanted.remove(metric)
-
-    if "iou" in wanted:
-        missing = [str(r.path) for r in runs if not r.has_masks]
-        if missing:
-            drop("iou", f"no {MASKS} in {', '.join(missing)} (prune with --save-masks)")
-        elif all(
-            len({r.mix for r in runs if r.setting == s}) < 2 for s in {r.setting for r in runs}
-        ):
-            drop("iou", "needs runs of at least two calibration mixes with the same setting")
-    if "lsar" in wanted and len(cfg.langs) < 2:
-        drop("lsar", "needs at least two evaluation languages")
-    if "lape" in wanted:
-        if not gated:
-            drop("lape", f"the model has no gated MLP ({', '.join(GATED_PARTS)})")
-        elif len(cfg.langs) < 2:
-            drop("lape", "needs at least two evaluation languages")
-    return tuple(wanted)
+def _choose_metrics(cfg: AnalysisConfig, ctx: PassContext) -> list[Metric]:
+    """The metrics to compute, in the order asked; an explicitly named one that cannot run is an
+    InputError, an implicit one is skipped with a warning."""
+    wanted = [get_metric(n) for n in cfg.metrics or METRICS]
+    chosen = []
+    for metric in wanted:
+        why = metric.unavailable(ctx)
+        if why is None:
+            chosen.append(metric)
+        elif cfg.metrics is not None:
+            raise InputError(f"metric {metric.name}: {why}")
+        else:
+            logger.warning("skipping %s: %s", metric.name, why)
+    return chosen
 
 
 def heldout_windows(
@@ -235,243 +212,33 @@ def _token_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     return keep.float()
 
 
-@dataclass
-class _PassResult:
-    errors: dict[str, list[list[LayerErrorStats]]]  # run -> language -> layer
-    embeddings: dict[str, list[torch.Tensor]]  # model -> layer -> (N, d) prompt means
-    lape: dict[str, LapeCounter]
-
-
 def _run_pass(
-    models: dict[str, nn.Module], ids: torch.Tensor, segments: list[slice], keep: torch.Tensor,
-    cfg: AnalysisConfig, metrics: tuple[str, ...], n_langs: int,
-) -> _PassResult:  # fmt: skip
-    """One lockstep pass of the dense model (``"dense"``) and some compressed ones."""
-    runs = [n for n in models if n != "dense"]
-    res = _PassResult({n: [[] for _ in segments] for n in runs}, {n: [] for n in models}, {})
-    counters = {}
-    if "lape" in metrics:
-        counters = {n: LapeCounter(m, n_langs, device=cfg.device) for n, m in models.items()}
-    for c in counters.values():
-        c.__enter__()
-
-    keep_d = keep.to(cfg.device)
+    models: dict[str, nn.Module], ids: torch.Tensor, ctx: PassContext, metrics: list[Metric]
+) -> dict[str, dict]:
+    """One lockstep pass of the dense model (``"dense"``) and some compressed ones, feeding
+    every metric's accumulator (one per ``accumulator_key``); returns key -> state."""
+    accs = {}
+    for m in metrics:
+        if m.needs_pass and m.pass_key not in accs:
+            accs[m.pass_key] = m.accumulator(models, ctx)
+    for acc in accs.values():
+        acc.open()
 
     def on_batch(name: str, seg: int, rows: slice) -> None:
-        if name in counters:
-            counters[name].lang = seg
-            counters[name].keep = keep_d[rows].bool().reshape(-1)  # special tokens left out
+        for acc in accs.values():
+            acc.on_batch(name, seg, rows)
 
-    n_tokens = keep.sum(1, keepdim=True)  # (N, 1)
+    cfg = ctx.cfg
     try:
         for _, outs in lockstep_block_outputs(
-            models, ids, segments, cfg.batch_size, cfg.device, on_batch, cfg.progress
+            models, ids, ctx.segments, cfg.batch_size, cfg.device, on_batch, cfg.progress
         ):
-            if "snr" in metrics or "error" in metrics:
-                for name in runs:
-                    for i, seg in enumerate(segments):
-                        s = LayerErrorStats()
-                        k = keep_d[seg].bool()  # BOS: a context-free sink, huge norms
-                        s.update(outs["dense"][seg][k], outs[name][seg][k])
-                        res.errors[name][i].append(s)
-            if "lsar" in metrics:
-                for name, h in outs.items():  # (N, T, d) -> prompt means (N, d)
-                    k = keep_d.to(h.device, h.dtype).unsqueeze(-1)
-                    means = (h * k).sum(1).float().cpu() / n_tokens
-                    res.embeddings[name].append(means)
+            for acc in accs.values():
+                acc.on_layer(outs)
     finally:
-        for c in counters.values():
-            c.__exit__(None, None, None)
-    res.lape = counters
-    return res
-
-
-def _sum_stats(stats: list[LayerErrorStats]) -> LayerErrorStats:
-    out = LayerErrorStats()
-    for s in stats:
-        out.signal += s.signal
-        out.error += s.error
-        out.norm_sum += s.norm_sum
-        out.tokens += s.tokens
-        out.dim = s.dim
-    return out
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def _error_metrics(
-    errors: dict[str, list[list[LayerErrorStats]]], langs: tuple[str, ...]
-) -> tuple[dict, dict]:
-    """SNR and pruning error per run, per language (and ``all``), per layer."""
-    snr, pe = {}, {}
-    for run, per_lang in errors.items():
-        depth = len(per_lang[0])
-        tables = {lang: per_lang[i] for i, lang in enumerate(langs)}
-        tables["all"] = [_sum_stats([per_lang[i][layer] for i in range(len(langs))])
-                         for layer in range(depth)]  # fmt: skip
-        snr[run] = {
-            "layers": {k: [s.snr_db for s in v] for k, v in tables.items()},
-            "model": {k: sum(s.snr_db for s in v) / depth for k, v in tables.items()},
-        }
-        pe[run] = {
-            "layers": {k: [_finite(s.pruning_error) for s in v] for k, v in tables.items()},
-            "model": {
-                k: _finite(sum(s.pruning_error for s in v) / depth) for k, v in tables.items()
-            },  # fmt: skip
-        }
-    return snr, pe
-
-
-def _lsar_metrics(
-    emb: dict[str, list[torch.Tensor]], segments: list[slice], langs: tuple[str, ...],
-    rank: int | None,
-) -> dict:  # fmt: skip
-    """Per layer: the LSAR subspace of the dense model, and for each run how far its prompt
-    embeddings moved in the language-specific and language-agnostic parts."""
-    dense = emb["dense"]
-    r = len(langs) - 1 if rank is None else rank
-    out: dict = {"rank": r, "dense_norm": {"specific": [], "agnostic": []}, "runs": {}}
-    subspaces = []
-    for layer_emb in dense:
-        M = torch.stack([layer_emb[seg].mean(0) for seg in segments], 1)  # (d, L)
-        Ms = lsar_subspace(M, r)
-        subspaces.append(Ms)
-        s, a = projected_norms(Ms, layer_emb)
-        out["dense_norm"]["specific"].append(s)
-        out["dense_norm"]["agnostic"].append(a)
-    for run, layers in emb.items():
-        if run == "dense":
-            continue
-        rec: dict = {"specific": [], "agnostic": [], "relative_specific": [],
-                     "relative_agnostic": [], "per_language": {lang: {"specific": [],
-                     "agnostic": []} for lang in langs}}  # fmt: skip
-        for layer, (Ms, e2) in enumerate(zip(subspaces, layers, strict=True)):
-            s, a = projected_change(Ms, dense[layer], e2)
-            rec["specific"].append(s)
-            rec["agnostic"].append(a)
-            rec["relative_specific"].append(s / out["dense_norm"]["specific"][layer])
-            rec["relative_agnostic"].append(a / out["dense_norm"]["agnostic"][layer])
-            for lang, seg in zip(langs, segments, strict=True):
-                ls, la = projected_change(Ms, dense[layer][seg], e2[seg])
-                rec["per_language"][lang]["specific"].append(ls)
-                rec["per_language"][lang]["agnostic"].append(la)
-        out["runs"][run] = rec
-    return out
-
-
-def _lape_metrics(counters: dict[str, LapeCounter], langs: tuple[str, ...], cfg) -> dict:
-    """LAPE of the dense and each compressed model: box statistics per neuron group (groups
-    of ``lape_group_percent`` % of neurons, sorted by dense LAPE), mean change and output
-    magnitude per group, and Tang et al.'s language-specific neurons per language."""
-    dense = counters["dense"]
-    lape_d = dense.entropy()  # (layers, width)
-    groups = neuron_groups(lape_d, cfg.lape_group_percent)
-    width = lape_d.shape[1]
-    sel_kw = dict(top_rate=cfg.lape_top_rate, filter_rate=cfg.lape_filter_rate,
-                  activation_bar_ratio=cfg.lape_bar_ratio)  # fmt: skip
-    sel_d = select_language_neurons(dense.probabilities(), **sel_kw)
-    sets_d = sel_d.per_language()
-    out: dict = {
-        "group_percent": cfg.lape_group_percent,
-        "groups": [{"neurons": len(g), "dense_lape_range": [lape_d.flatten()[g].min().item(),
-                    lape_d.flatten()[g].max().item()]} for g in groups],  # fmt: skip
-        "never_firing": {"dense": int(lape_d.isnan().sum())},
-        "neurons": lape_d.numel(),
-        "selection": {"top_rate": cfg.lape_top_rate, "filter_rate": cfg.lape_filter_rate,
-                      "activation_bar_ratio": cfg.lape_bar_ratio,
-                      "dense": {lang: len(s) for lang, s in zip(langs, sets_d, strict=True)}},
-        "models": {},
-    }  # fmt: skip
-    for name, counter in counters.items():
-        lape = lape_d if name == "dense" else counter.entropy()
-        flat, mag = lape.flatten(), counter.output_magnitude().flatten()
-        rec = {
-            "boxes": [box_stats(flat[g]) for g in groups],
-            "magnitude": [mag[g].mean().item() for g in groups],
-            "mean_lape": _finite(flat[~flat.isnan()].mean().item()),
-        }
-        if name != "dense":
-            delta = flat - lape_d.flatten()
-            rec["change"] = [_finite(delta[g][~delta[g].isnan()].mean().item()) for g in groups]
-            out["never_firing"][name] = int(lape.isnan().sum())
-            sel = select_language_neurons(counter.probabilities(), **sel_kw)
-            rec["selection"] = {}
-            for lang, s_d, s_c in zip(langs, sets_d, sel.per_language(), strict=True):
-                idx = torch.tensor(sorted(s_d), dtype=torch.long)
-                union = len(s_d | s_c)
-                rec["selection"][lang] = {
-                    "count": len(s_c),
-                    "iou_with_dense": len(s_d & s_c) / union if union else 1.0,
-                    "lape_change": _finite(delta[idx].nanmean().item()) if len(idx) else None,
-                    "magnitude_ratio": _finite(
-                        (mag[idx].sum() / counters["dense"].output_magnitude().flatten()[idx]
-                         .sum()).item()) if len(idx) else None,
-                }  # fmt: skip
-        out["models"][name] = rec
-    out["layer_of_group"] = [torch.bincount(g // width, minlength=lape_d.shape[0]).tolist()
-                             for g in groups]  # fmt: skip
-    return out
-
-
-def _iou_metrics(runs: list[Run]) -> dict:
-    """Per setting: the seed-intersected masks of each calibration mix compared pairwise
-    (all Linears, per sub-layer type, per layer), and each mix's seed IoU; streamed one
-    Linear at a time."""
-    out = {}
-    for setting in dict.fromkeys(r.setting for r in runs):
-        by_mix: dict[str, list[Run]] = {}
-        for r in runs:
-            if r.setting == setting:
-                by_mix.setdefault(r.mix, []).append(r)
-        mixes = list(by_mix)
-        if len(mixes) < 2:
-            logger.warning("IoU: setting %r has one calibration mix only; skipped", setting)
-            continue
-        files = {m: [MaskFile(r.path / MASKS) for r in rs] for m, rs in by_mix.items()}
-        names = files[mixes[0]][0].names()
-        for m, fs in files.items():
-            for f in fs:
-                if set(f.names()) != set(names):
-                    raise InputError(f"the masks of mix {m} cover other Linears than {mixes[0]}")
-        pairs = list(itertools.combinations(mixes, 2))
-        counts = {p: {by: {} for by in ("all", "sublayer", "layer")} for p in pairs}
-        seed_counts = {m: {p: {by: {} for by in ("all", "sublayer", "layer")}
-                           for p in itertools.combinations(range(len(fs)), 2)}
-                       for m, fs in files.items()}  # fmt: skip
-        for name in names:
-            per_seed = {m: [f[name] for f in fs] for m, fs in files.items()}
-            inter = {m: torch.stack(v).all(0) for m, v in per_seed.items()}  # seed intersection
-            for by in ("all", "sublayer", "layer"):
-                for a, b in pairs:
-                    pair_counts({name: inter[a]}, {name: inter[b]}, by, counts[(a, b)][by])
-                for m, v in per_seed.items():
-                    for i, j in seed_counts[m]:
-                        pair_counts({name: v[i]}, {name: v[j]}, by, seed_counts[m][(i, j)][by])
-        groups = {by: list(dict.fromkeys(group_of(n, by) for n in names))
-                  for by in ("all", "sublayer", "layer")}  # fmt: skip
-        matrices: dict = {by: {} for by in groups}
-        for by, gs in groups.items():
-            for g in gs:
-                mat = [[1.0] * len(mixes) for _ in mixes]
-                for (a, b), c in counts.items():
-                    v = ratio(c[by])[g]
-                    mat[mixes.index(a)][mixes.index(b)] = mat[mixes.index(b)][mixes.index(a)] = v
-                matrices[by][g] = mat
-        seed = {}
-        for m, per_pair in seed_counts.items():
-            if not per_pair:
-                continue
-            seed[m] = {by: {g: sum(ratio(c[by])[g] for c in per_pair.values()) / len(per_pair)
-                            for g in gs} for by, gs in groups.items()}  # fmt: skip
-        out[setting] = {
-            "mixes": mixes,
-            "seeds": {m: [r.seed for r in rs] for m, rs in by_mix.items()},
-            "matrices": matrices,
-            "seed_iou": seed,
-        }
-    return out
+        for acc in accs.values():
+            acc.close()
+    return {key: acc.state() for key, acc in accs.items()}
 
 
 def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, tokenizer=None) -> dict:
@@ -500,35 +267,32 @@ def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, token
     meta = skeleton(config)  # shapes only, no weights
     n_blocks = len(find_blocks(meta)[1])
     check_runs_match(dense, config, runs)
-    try:
-        gated_mlps(meta)
-        gated = True
-    except ValueError:
-        gated = False
-    metrics = _choose_metrics(cfg, runs, gated)
+    ctx = PassContext(cfg, runs, meta)
+    metrics = _choose_metrics(cfg, ctx)
     if not metrics:
         raise InputError("no metric can run on these inputs")
-    if "iou" in metrics:
+    names = [m.name for m in metrics]
+    if "iou" in names:
         check_masks(runs, meta, MASKS)
     tok = tokenizer or load_tokenizer(dense)
-    needs_pass = bool({"snr", "error", "lsar", "lape"} & set(metrics))
     result: dict = {
         "dense": str(dense),
         "runs": [r.summary() for r in runs],
-        "metrics": list(metrics),
+        "metrics": names,
         "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
         "layers": n_blocks,
     }
-    if needs_pass:
-        ids, segments, counts = heldout_windows(tok, cfg.langs, src, cfg.nsamples, cfg.seqlen)
-        keep = _token_mask(ids, tok)
+    states: dict[str, dict] = {}  # accumulator key -> model name -> state, over all passes
+    if any(m.needs_pass for m in metrics):
+        ids, ctx.segments, counts = heldout_windows(tok, cfg.langs, src, cfg.nsamples,
+                                                    cfg.seqlen)  # fmt: skip
+        ctx.keep = _token_mask(ids, tok).to(cfg.device)
         result["eval_text"] = {"source": src.describe(), "windows": counts, "seqlen": cfg.seqlen,
                                "tokens": int(ids.numel())}  # fmt: skip
         logger.info("held-out text: %s windows of %d tokens",
                     ", ".join(f"{k} {v}" for k, v in counts.items()), cfg.seqlen)  # fmt: skip
         dense_model = load_model(dense, device=cfg.device, dtype=cfg.dtype, tokenizer=False).model
         per_pass = cfg.models_per_pass or len(runs)
-        errors, emb, lape = {}, {}, {}
         for start in range(0, len(runs), per_pass):
             chunk = runs[start : start + per_pass]
             models = {"dense": dense_model}
@@ -538,23 +302,11 @@ def analyze(dense: str, compressed: list[str | Path], cfg: AnalysisConfig, token
                 ).model
             logger.info("pass %d: dense + %s", start // per_pass + 1,
                         ", ".join(r.label for r in chunk))  # fmt: skip
-            res = _run_pass(models, ids, segments, keep, cfg, metrics, len(cfg.langs))
-            errors.update(res.errors)
-            for name, v in res.embeddings.items():
-                emb.setdefault(name, v)  # the dense model's are the same in every pass
-            for name, c in res.lape.items():
-                lape.setdefault(name, c)
-            del models, res
-        if "snr" in metrics or "error" in metrics:
-            snr, pe = _error_metrics(errors, cfg.langs)
-            if "snr" in metrics:
-                result["snr"] = snr
-            if "error" in metrics:
-                result["error"] = pe
-        if "lsar" in metrics:
-            result["lsar"] = _lsar_metrics(emb, segments, cfg.langs, cfg.lsar_rank)
-        if "lape" in metrics:
-            result["lape"] = _lape_metrics(lape, cfg.langs, cfg)
-    if "iou" in metrics:
-        result["iou"] = _iou_metrics(runs)
+            for key, state in _run_pass(models, ids, ctx, metrics).items():
+                for name, v in state.items():  # the dense model's are the same in every pass
+                    states.setdefault(key, {}).setdefault(name, v)
+            del models
+    # the pass metrics' sections first, then the others (metrics.json's order as before)
+    for m in sorted(metrics, key=lambda m: (not m.needs_pass, METRICS.index(m.name))):
+        result[m.name] = m.finish(states.get(m.pass_key, {}), ctx)
     return result

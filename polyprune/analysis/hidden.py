@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from polyprune.analysis.snr import LayerErrorStats
+from polyprune.analysis.snr import ErrorSums, LayerErrorStats
 from polyprune.compress.engine import BlockInputs, block_output, capture_block_inputs
 from polyprune.models import find_blocks
 
@@ -118,17 +118,10 @@ def compare_hidden_states(
     output and h' the compressed one."""
     if "dense" in compressed:
         raise ValueError("'dense' is reserved for the dense model")
-    stats: dict[str, list[LayerErrorStats]] = {name: [] for name in compressed}
+    sums = ErrorSums(list(compressed), [slice(None)], keep)  # the accumulator of analyze's SNR
     models = {"dense": dense, **compressed}
     for _, outs in lockstep_block_outputs(
         models, input_ids, batch_size=batch_size, device=device, progress=progress
     ):
-        for name in compressed:
-            s = LayerErrorStats()
-            if keep is None:
-                s.update(outs["dense"], outs[name])
-            else:
-                k = keep.to(outs[name].device)
-                s.update(outs["dense"][k], outs[name][k])
-            stats[name].append(s)
-    return stats
+        sums.on_layer(outs)
+    return {name: per_seg[0] for name, per_seg in sums.state().items()}

@@ -6,27 +6,40 @@ Between languages a and b: IoU = |P_a ∩ P_b| / |P_a ∪ P_b|, with the counts 
 Linears of a group (all of them, one sub-layer type such as ``q`` or ``down``, or one layer)
 before dividing. The same-language IoU across seeds (mean over seed pairs) measures how certain
 the pruning decision is.
+
+:data:`IOU` is the ``iou`` metric of ``polyprune analyze``: computed from the runs' saved
+masks (``--save-masks``), one Linear at a time, without the lockstep pass.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
+from pathlib import Path
 
 import torch
 
+from polyprune.analysis.markdown import fmt, slug, table
+from polyprune.analysis.metric import Metric, PassContext, ReportContext
+from polyprune.compress.manifest import MASKS
 from polyprune.compress.masks import unpack_mask
+from polyprune.errors import InputError
 
 __all__ = [
+    "IOU",
     "MaskFile",
     "group_of",
     "intersect_seeds",
+    "iou_metrics",
     "mask_iou",
     "pair_counts",
     "seed_iou",
     "sublayer_type",
 ]
+
+logger = logging.getLogger(__name__)
 
 _SUBLAYER = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
@@ -120,3 +133,184 @@ class MaskFile:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return unpack_mask(self._file.get_tensor(name), self.shapes[name])
+
+
+def iou_metrics(runs: list) -> dict:
+    """Per setting: the seed-intersected masks of each calibration mix compared pairwise
+    (all Linears, per sub-layer type, per layer), and each mix's seed IoU; streamed one
+    Linear at a time."""
+    out = {}
+    for setting in dict.fromkeys(r.setting for r in runs):
+        by_mix: dict[str, list] = {}
+        for r in runs:
+            if r.setting == setting:
+                by_mix.setdefault(r.mix, []).append(r)
+        mixes = list(by_mix)
+        if len(mixes) < 2:
+            logger.warning("IoU: setting %r has one calibration mix only; skipped", setting)
+            continue
+        files = {m: [MaskFile(r.path / MASKS) for r in rs] for m, rs in by_mix.items()}
+        names = files[mixes[0]][0].names()
+        for m, fs in files.items():
+            for f in fs:
+                if set(f.names()) != set(names):
+                    raise InputError(f"the masks of mix {m} cover other Linears than {mixes[0]}")
+        pairs = list(itertools.combinations(mixes, 2))
+        counts = {p: {by: {} for by in ("all", "sublayer", "layer")} for p in pairs}
+        seed_counts = {m: {p: {by: {} for by in ("all", "sublayer", "layer")}
+                           for p in itertools.combinations(range(len(fs)), 2)}
+                       for m, fs in files.items()}  # fmt: skip
+        for name in names:
+            per_seed = {m: [f[name] for f in fs] for m, fs in files.items()}
+            inter = {m: torch.stack(v).all(0) for m, v in per_seed.items()}  # seed intersection
+            for by in ("all", "sublayer", "layer"):
+                for a, b in pairs:
+                    pair_counts({name: inter[a]}, {name: inter[b]}, by, counts[(a, b)][by])
+                for m, v in per_seed.items():
+                    for i, j in seed_counts[m]:
+                        pair_counts({name: v[i]}, {name: v[j]}, by, seed_counts[m][(i, j)][by])
+        groups = {by: list(dict.fromkeys(group_of(n, by) for n in names))
+                  for by in ("all", "sublayer", "layer")}  # fmt: skip
+        matrices: dict = {by: {} for by in groups}
+        for by, gs in groups.items():
+            for g in gs:
+                mat = [[1.0] * len(mixes) for _ in mixes]
+                for (a, b), c in counts.items():
+                    v = ratio(c[by])[g]
+                    mat[mixes.index(a)][mixes.index(b)] = mat[mixes.index(b)][mixes.index(a)] = v
+                matrices[by][g] = mat
+        seed = {}
+        for m, per_pair in seed_counts.items():
+            if not per_pair:
+                continue
+            seed[m] = {by: {g: sum(ratio(c[by])[g] for c in per_pair.values()) / len(per_pair)
+                            for g in gs} for by, gs in groups.items()}  # fmt: skip
+        out[setting] = {
+            "mixes": mixes,
+            "seeds": {m: [r.seed for r in rs] for m, rs in by_mix.items()},
+            "matrices": matrices,
+            "seed_iou": seed,
+        }
+    return out
+
+
+def iou_heatmaps(mixes: list[str], matrices: dict[str, list[list[float]]], title: str,
+                 path: Path) -> Path:  # fmt: skip
+    """Calibration mix x calibration mix IoU, one panel per group (all Linears, then each
+    sub-layer type), on one shared colour scale."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from polyprune.analysis.plots import DPI, grid
+
+    values = [v for m in matrices.values() for i, row in enumerate(m) for j, v in enumerate(row)
+              if i != j]  # fmt: skip
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    size = max(3.2, 0.55 * len(mixes) + 1.6)
+    fig, axes = grid(len(matrices), width=size, height=size * 0.9)
+    im = None
+    for ax, (group, mat) in zip(axes, matrices.items(), strict=True):
+        a = np.array(mat, dtype=float)
+        off = a.copy()
+        np.fill_diagonal(off, np.nan)  # the diagonal (1.0) would flatten the colour scale
+        im = ax.imshow(off, cmap="viridis", vmin=lo, vmax=hi)
+        ax.set_xticks(range(len(mixes)), mixes, rotation=45, ha="right")
+        ax.set_yticks(range(len(mixes)), mixes)
+        ax.set_title("all Linears" if group == "all" else group)
+        if len(mixes) <= 10:
+            for i in range(len(mixes)):
+                for j in range(len(mixes)):
+                    if i != j:
+                        ax.text(j, i, f"{a[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                                color="w" if a[i, j] < (lo + hi) / 2 else "k")  # fmt: skip
+    fig.colorbar(im, ax=axes, shrink=0.8, label="IoU of pruned weights")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def iou_layer_lines(
+    mixes: list[str],
+    by_layer: dict[str, list[list[float]]],
+    seed_iou: dict[str, dict[str, float]],
+    title: str,
+    path: Path,
+) -> Path:
+    """IoU per layer for each pair of mixes (or their mean and range beyond 10 pairs), and the
+    same-language seed IoU per layer where a mix has several seeds."""  # fmt: skip
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from polyprune.analysis.plots import save
+
+    layers = sorted(by_layer, key=int)
+    x = np.array([int(k) for k in layers])
+    pairs = [(i, j) for i in range(len(mixes)) for j in range(i + 1, len(mixes))]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    if len(pairs) <= 10:
+        for i, j in pairs:
+            ax.plot(x, [by_layer[k][i][j] for k in layers], marker="o", ms=3,
+                    label=f"{mixes[i]} vs {mixes[j]}")  # fmt: skip
+    else:
+        vals = np.array([[by_layer[k][i][j] for i, j in pairs] for k in layers])
+        ax.plot(x, vals.mean(1), marker="o", ms=3, color="C0", label="mean over mix pairs")
+        ax.fill_between(x, vals.min(1), vals.max(1), alpha=0.25, color="C0", label="min-max")
+    for m, per_layer in seed_iou.items():
+        ax.plot(x, [per_layer[k] for k in layers], ls="--", marker="s", ms=3,
+                label=f"{m}: across seeds")  # fmt: skip
+    ax.set_xlabel("layer")
+    ax.set_ylabel("IoU of pruned weights")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title)
+    return save(fig, path)
+
+
+class _IoU(Metric):
+    name = "iou"
+
+    def unavailable(self, ctx: PassContext) -> str | None:
+        runs = ctx.runs
+        missing = [str(r.path) for r in runs if not r.has_masks]
+        if missing:
+            return f"no {MASKS} in {', '.join(missing)} (prune with --save-masks)"
+        settings = {r.setting for r in runs}
+        if all(len({r.mix for r in runs if r.setting == s}) < 2 for s in settings):
+            return "needs runs of at least two calibration mixes with the same setting"
+        return None
+
+    def finish(self, state: dict, ctx: PassContext) -> dict:
+        return iou_metrics(ctx.runs)
+
+    def report(self, section: dict, ctx: ReportContext) -> list[str]:
+        md = []
+        for setting, iou in section.items():
+            sl = slug(setting)
+            mats = {"all": iou["matrices"]["all"]["all"], **iou["matrices"]["sublayer"]}
+            heat = iou_heatmaps(
+                iou["mixes"],
+                mats,
+                f"Mask IoU across calibration mixes ({setting}; seeds intersected)",
+                ctx.out / f"iou-{sl}.png",
+            )
+            seed_layers = {mix: s["layer"] for mix, s in iou["seed_iou"].items()}
+            lines = iou_layer_lines(iou["mixes"], dict(iou["matrices"]["layer"]), seed_layers,
+                                    f"Mask IoU per layer ({setting})",
+                                    ctx.out / f"iou-layers-{sl}.png")  # fmt: skip
+            md += [f"## Pruning-mask IoU: {setting}", "",
+                   "Weights pruned in every seed of a mix, compared between mixes "
+                   "(IoU = |P_a ∩ P_b| / |P_a ∪ P_b|, all Linears):", ""]  # fmt: skip
+            mat = iou["matrices"]["all"]["all"]
+            md += table(["", *iou["mixes"]],
+                        [[a, *[fmt(v, 3) for v in row]]
+                         for a, row in zip(iou["mixes"], mat, strict=True)])  # fmt: skip
+            if iou["seed_iou"]:
+                md += ["Same-mix IoU across seeds (pruning certainty): "
+                       + ", ".join(f"{k} {v['all']['all']:.3f} ({len(iou['seeds'][k])} seeds)"
+                                   for k, v in iou["seed_iou"].items()), ""]  # fmt: skip
+            md += [f"![IoU heatmaps]({heat.name})", "", f"![IoU per layer]({lines.name})", ""]
+        return md
+
+
+IOU = _IoU()

@@ -12,21 +12,34 @@ neuron that never fires has no distribution over languages: its LAPE is NaN.
 
 :class:`LapeCounter` hooks the MLPs of a model and accumulates, per language and neuron, the
 count of active tokens and the sum of |act(gate) * up| (the neuron's output magnitude) through
-the kernel dispatcher (``kernels.lape_count``).
+the kernel dispatcher (``kernels.lape_count``). :data:`LAPE` is the ``lape`` metric of
+``polyprune analyze`` (one counter per model during the lockstep pass: :class:`LapeCounters`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from polyprune.analysis.markdown import table
+from polyprune.analysis.metric import (
+    Accumulator,
+    Metric,
+    PassContext,
+    ReportContext,
+    too_few_languages,
+)
 from polyprune.kernels.lape_count import lape_count
 from polyprune.models import find_blocks
 
 __all__ = [
+    "LAPE",
+    "LapeCounters",
+    "lape_metrics",
     "LapeCounter",
     "LanguageNeurons",
     "GATED_PARTS",
@@ -207,3 +220,216 @@ def select_language_neurons(
     order = torch.argsort(ent, stable=True)[:k]
     bar = kth(activation_bar_ratio)
     return LanguageNeurons(order, p[order] > bar, filter_value, bar)
+
+
+class LapeCounters(Accumulator):
+    """One :class:`LapeCounter` per model, hooked for the pass; ``on_batch`` tells each the
+    language of the rows about to run and which of their tokens count (special ones do not)."""
+
+    def __init__(self, models: dict, n_langs: int, keep: torch.Tensor, device: str):
+        self.keep = keep
+        self.counters = {n: LapeCounter(m, n_langs, device=device) for n, m in models.items()}
+
+    def open(self) -> None:
+        for c in self.counters.values():
+            c.__enter__()
+
+    def close(self) -> None:
+        for c in self.counters.values():
+            c.__exit__(None, None, None)
+
+    def on_batch(self, name: str, seg: int, rows: slice) -> None:
+        self.counters[name].lang = seg
+        self.counters[name].keep = self.keep[rows].bool().reshape(-1)
+
+    def state(self) -> dict:
+        return self.counters
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def lape_metrics(counters: dict[str, LapeCounter], langs: tuple[str, ...], cfg) -> dict:
+    """LAPE of the dense and each compressed model: box statistics per neuron group (groups
+    of ``lape_group_percent`` % of neurons, sorted by dense LAPE), mean change and output
+    magnitude per group, and Tang et al.'s language-specific neurons per language."""
+    dense = counters["dense"]
+    lape_d = dense.entropy()  # (layers, width)
+    groups = neuron_groups(lape_d, cfg.lape_group_percent)
+    width = lape_d.shape[1]
+    sel_kw = dict(top_rate=cfg.lape_top_rate, filter_rate=cfg.lape_filter_rate,
+                  activation_bar_ratio=cfg.lape_bar_ratio)  # fmt: skip
+    sel_d = select_language_neurons(dense.probabilities(), **sel_kw)
+    sets_d = sel_d.per_language()
+    out: dict = {
+        "group_percent": cfg.lape_group_percent,
+        "groups": [{"neurons": len(g), "dense_lape_range": [lape_d.flatten()[g].min().item(),
+                    lape_d.flatten()[g].max().item()]} for g in groups],  # fmt: skip
+        "never_firing": {"dense": int(lape_d.isnan().sum())},
+        "neurons": lape_d.numel(),
+        "selection": {"top_rate": cfg.lape_top_rate, "filter_rate": cfg.lape_filter_rate,
+                      "activation_bar_ratio": cfg.lape_bar_ratio,
+                      "dense": {lang: len(s) for lang, s in zip(langs, sets_d, strict=True)}},
+        "models": {},
+    }  # fmt: skip
+    for name, counter in counters.items():
+        lape = lape_d if name == "dense" else counter.entropy()
+        flat, mag = lape.flatten(), counter.output_magnitude().flatten()
+        rec = {
+            "boxes": [box_stats(flat[g]) for g in groups],
+            "magnitude": [mag[g].mean().item() for g in groups],
+            "mean_lape": _finite(flat[~flat.isnan()].mean().item()),
+        }
+        if name != "dense":
+            delta = flat - lape_d.flatten()
+            rec["change"] = [_finite(delta[g][~delta[g].isnan()].mean().item()) for g in groups]
+            out["never_firing"][name] = int(lape.isnan().sum())
+            sel = select_language_neurons(counter.probabilities(), **sel_kw)
+            rec["selection"] = {}
+            for lang, s_d, s_c in zip(langs, sets_d, sel.per_language(), strict=True):
+                idx = torch.tensor(sorted(s_d), dtype=torch.long)
+                union = len(s_d | s_c)
+                rec["selection"][lang] = {
+                    "count": len(s_c),
+                    "iou_with_dense": len(s_d & s_c) / union if union else 1.0,
+                    "lape_change": _finite(delta[idx].nanmean().item()) if len(idx) else None,
+                    "magnitude_ratio": _finite(
+                        (mag[idx].sum() / counters["dense"].output_magnitude().flatten()[idx]
+                         .sum()).item()) if len(idx) else None,
+                }  # fmt: skip
+        out["models"][name] = rec
+    out["layer_of_group"] = [torch.bincount(g // width, minlength=lape_d.shape[0]).tolist()
+                             for g in groups]  # fmt: skip
+    return out
+
+
+def lape_boxes(lape: dict, colors: dict, path: Path) -> Path:
+    """LAPE per neuron group (sorted by dense LAPE), dense vs each compressed model."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from polyprune.analysis.plots import save
+
+    runs = [k for k in lape["models"] if k != "dense"]
+    n = len(lape["groups"])
+    fig, axes = plt.subplots(len(runs), 1, figsize=(max(8, 0.32 * n + 2), 2.8 * len(runs)),
+                             squeeze=False)  # fmt: skip
+    x = np.arange(n)
+    for ax, run in zip(axes[:, 0], runs, strict=True):
+        for model, offset in (("dense", -0.2), (run, 0.2)):
+            stats = [dict(b, label=str(i)) for i, b in enumerate(lape["models"][model]["boxes"])]
+            keep = [i for i, b in enumerate(stats) if b["n"]]
+            ax.bxp([stats[i] for i in keep], positions=x[keep] + offset, widths=0.35,
+                   showfliers=False, patch_artist=True,
+                   boxprops={"facecolor": colors[model], "alpha": 0.55},
+                   medianprops={"color": "k"})  # fmt: skip
+        ax.set_xticks(x[:: max(1, n // 25)], [str(i + 1) for i in x[:: max(1, n // 25)]])
+        ax.set_xlim(-1, n)
+        ax.set_ylabel("LAPE")
+        ax.set_title(f"dense (black) vs {run}", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    axes[-1, 0].set_xlabel(
+        f"neuron group ({lape['group_percent']:g}% of neurons each, by ascending dense LAPE)"
+    )
+    fig.suptitle("LAPE per neuron group")
+    return save(fig, path)
+
+
+def lape_groups(lape: dict, colors: dict, path: Path) -> Path:
+    """Per neuron group: mean LAPE change after compression, and mean output magnitude."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from polyprune.analysis.plots import nan_array, save
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    n = len(lape["groups"])
+    x = np.arange(1, n + 1)
+    for label, rec in lape["models"].items():
+        if label != "dense":
+            axes[0].plot(x, nan_array(rec["change"]), marker="o", ms=2, label=label,
+                         color=colors[label])  # fmt: skip
+        axes[1].plot(x, rec["magnitude"], marker="o", ms=2, label=label, color=colors[label],
+                     lw=2 if label == "dense" else 1)  # fmt: skip
+    axes[0].axhline(0, color="k", lw=0.8)
+    axes[0].set_ylabel("mean LAPE change (compressed - dense)")
+    axes[1].set_ylabel("mean |act(gate) * up| per token")
+    for ax in axes:
+        ax.set_xlabel("neuron group (most language-specific first)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle("LAPE change and neuron output magnitude per neuron group")
+    return save(fig, path)
+
+
+def language_neurons(lape: dict, langs: list[str], colors: dict, path: Path) -> Path:
+    """Language-specific neurons per language (Tang et al.'s selection): dense and each run."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from polyprune.analysis.plots import save
+
+    models = list(lape["models"])
+    counts = {"dense": [lape["selection"]["dense"][lang] for lang in langs]}
+    for m in models[1:]:
+        counts[m] = [lape["models"][m]["selection"][lang]["count"] for lang in langs]
+    width = 0.8 / len(models)
+    # Bars get narrower past 14 inches: 7 languages x 8 models made a 34-inch strip of
+    # unreadable 8-point text, shrunk to nothing in any viewer.
+    fig, ax = plt.subplots(figsize=(min(14, max(6, 0.22 * len(langs) * len(models) + 2)), 4.5))
+    x = np.arange(len(langs))
+    for i, m in enumerate(models):
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, counts[m], width, label=m,
+               color=colors[m])  # fmt: skip
+    ax.set_xticks(x, langs)
+    ax.set_ylabel("language-specific neurons")
+    sel = lape["selection"]
+    title = (f"Language-specific neurons (lowest {sel['top_rate']:.0%} LAPE, activation bar "
+             f"at the {sel['activation_bar_ratio']:.0%} quantile)")  # fmt: skip
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, ncol=min(len(models), 8), loc="upper center",
+              bbox_to_anchor=(0.5, -0.08))  # fmt: skip
+    ax.grid(alpha=0.3, axis="y")
+    return save(fig, path)
+
+
+class _Lape(Metric):
+    name = "lape"
+    needs_pass = True
+
+    def unavailable(self, ctx: PassContext) -> str | None:
+        try:
+            gated_mlps(ctx.meta)
+        except ValueError:
+            return f"the model has no gated MLP ({', '.join(GATED_PARTS)})"
+        return too_few_languages(ctx)
+
+    def accumulator(self, models: dict, ctx: PassContext) -> LapeCounters:
+        return LapeCounters(models, len(ctx.cfg.langs), ctx.keep, ctx.cfg.device)
+
+    def finish(self, state: dict, ctx: PassContext) -> dict:
+        return lape_metrics(state, ctx.cfg.langs, ctx.cfg)
+
+    def report(self, section: dict, ctx: ReportContext) -> list[str]:
+        lp, langs, out = section, ctx.langs, ctx.out
+        box = lape_boxes(lp, ctx.colors, out / "lape-boxes.png")
+        grp = lape_groups(lp, ctx.colors, out / "lape-groups.png")
+        sel = language_neurons(lp, langs, ctx.colors, out / "lape-neurons.png")
+        md = ["## LAPE: language-specific neurons", "",
+              f"Activation probability entropy of every FFN neuron (Tang et al., 2024) over "
+              f"{', '.join(langs)}; neurons sorted by dense LAPE into groups of "
+              f"{lp['group_percent']:g}%. Language-specific neurons per language (Tang et "
+              "al.'s selection) and their overlap (IoU) with the dense model's:", ""]  # fmt: skip
+        rows = [["dense", *[lp["selection"]["dense"][x] for x in langs]]]
+        for k, r in lp["models"].items():
+            if k != "dense":
+                rows.append([k, *[f"{r['selection'][x]['count']} "
+                                  f"({r['selection'][x]['iou_with_dense']:.2f})"
+                                  for x in langs]])  # fmt: skip
+        md += table(["model", *langs], rows)
+        return md + [f"![LAPE per neuron group]({box.name})", "", f"![LAPE change]({grp.name})",
+                     "", f"![language-specific neurons]({sel.name})", ""]  # fmt: skip
+
+
+LAPE = _Lape()
