@@ -419,10 +419,9 @@ def _manifest(
         "dtype": str(run_dtype).removeprefix("torch."),
     }
     settings.update({k: _setting(k, prune_cfg, quant) for k in spec.settings})
-    if streamed:
-        settings["stream"] = True
-    if engine_cfg.propagate != "compressed":  # recorded where it differs from the reference
-        settings["propagate"] = engine_cfg.propagate
+    # recorded only where they differ from the default, so older manifests still compare equal
+    extra = {"stream": True if streamed else None, "propagate": engine_cfg.propagate}
+    settings.update({k: v for k, v in extra.items() if v not in (None, "compressed")})
     return RunManifest(
         tool="polyprune",
         version=_version(),
