@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from polyprune.errors import InputError
+from polyprune.locks import HOST
 from polyprune.outputs import (
-    _HOST,
     check_not_source,
     output_lock,
     remove_stale,
@@ -206,7 +206,7 @@ def test_sigkill_leaves_a_temporary_that_the_next_run_removes(tmp_path):
 
 
 def test_stale_temporaries_of_live_processes_and_other_hosts_are_kept(tmp_path):
-    mine = tmp_path / f".X.tmp-{_HOST}-{os.getpid()}-abc"
+    mine = tmp_path / f".X.tmp-{HOST}-{os.getpid()}-abc"
     other_host = tmp_path / ".X.tmp-otherhost-999999999-abc"
     unrelated = tmp_path / ".X.tmp-abc123"  # not ours to judge
     for p in (mine, other_host, unrelated):
@@ -218,7 +218,7 @@ def test_stale_temporaries_of_live_processes_and_other_hosts_are_kept(tmp_path):
 def test_output_set_aside_by_a_killed_overwrite_is_put_back(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    old = tmp_path / f".X.old-{_HOST}-{dead.pid}-abcd1234"  # killed between the two renames
+    old = tmp_path / f".X.old-{HOST}-{dead.pid}-abcd1234"  # killed between the two renames
     old.mkdir()
     (old / "theirs").write_text("old")
     remove_stale(tmp_path)
@@ -230,7 +230,7 @@ def test_temporary_of_a_dead_pid_is_kept_while_its_output_is_locked(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     # a writer in another pid namespace with the same hostname: its pid means nothing here
-    tmp = tmp_path / f".X.tmp-{_HOST}-{dead.pid}-abcd1234"
+    tmp = tmp_path / f".X.tmp-{HOST}-{dead.pid}-abcd1234"
     tmp.mkdir()
     ctx = multiprocessing.get_context("fork")
     ready, release = ctx.Event(), ctx.Event()
