@@ -218,7 +218,7 @@ def compress(
         keep_masks=save_masks,
         progress=progress, quant=quant,
     )  # fmt: skip
-    mix = _check_settings(engine_cfg, format, dtype, stream, calib, source, nsamples, seqlen,
+    mix = check_settings(engine_cfg, format, dtype, stream, calib, source, nsamples, seqlen,
                           seed, sampling)  # fmt: skip
     max_shard_bytes = parse_size(max_shard_size)
     if out is not None:
@@ -243,16 +243,16 @@ def compress(
             target, input_ids, engine_cfg, dtype, tmp, spec, timings
         )
         timings.update({f"engine_{k}": v for k, v in report.seconds.items()})
-        manifest = _manifest(engine_cfg, prune_cfg, quant, format, target.name, run_dtype,
+        manifest = build_manifest(engine_cfg, prune_cfg, quant, format, target.name, run_dtype,
                              calib_set, report, command, timings, target.streaming,
                              checkpoint_format)  # fmt: skip
         timings["total"] = time.perf_counter() - t0
         if tmp is not None:
-            _write_run_files(tmp, target.tokenizer, manifest)
+            write_run_files(tmp, target.tokenizer, manifest)
     return model, manifest.to_dict()
 
 
-def _check_settings(
+def check_settings(
     cfg: EngineConfig, format: str, dtype: str, stream, calib, source: str, nsamples: int,
     seqlen: int, seed: int, sampling: str,
 ) -> CalibrationMix | None:  # fmt: skip
@@ -338,7 +338,7 @@ def _run_engine(
     streamed block by block, or loaded (unless given), compressed and written. Returns the
     model (None when streamed), the engine's report, the run dtype and the GPTQ format."""
     if target.streaming:
-        source_dtype = _source_dtype(target.config)
+        source_dtype = checkpoint_dtype(target.config)
         run_dtype = resolve_dtype(dtype, cfg.device, source_dtype)
         if run_dtype == "auto":
             run_dtype = source_dtype or torch.float32
@@ -361,7 +361,7 @@ def _run_engine(
     return model, report, run_dtype, checkpoint_format
 
 
-def _write_run_files(directory: Path, tokenizer, manifest: RunManifest) -> None:
+def write_run_files(directory: Path, tokenizer, manifest: RunManifest) -> None:
     """What every output holds beside its weights: the tokenizer and the manifest."""
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
@@ -390,7 +390,7 @@ def _streaming(stream: bool | str, path: str | None, config, out) -> bool:
     return True
 
 
-def _source_dtype(config) -> torch.dtype | None:
+def checkpoint_dtype(config) -> torch.dtype | None:
     src = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return src if isinstance(src, torch.dtype) else getattr(torch, str(src), None)
 
@@ -405,7 +405,7 @@ def _setting(key: str, prune_cfg: PruneConfig, quant: QuantConfig | None):
     return getattr(quant or prune_cfg, key)
 
 
-def _manifest(
+def build_manifest(
     engine_cfg: EngineConfig, prune_cfg: PruneConfig, quant: QuantConfig | None, format: str,
     model_name, run_dtype: torch.dtype, calib_set, report, command: str | None,
     timings: dict[str, float], streamed: bool = False, checkpoint_format: str | None = None,

@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_command(sub, common, p)
     _add_eval_commands(sub, common)
+    from polyprune.cli_mixes import add_mix_commands
+
+    add_mix_commands(sub, common)
     return ap
 
 

@@ -10,6 +10,7 @@ import os
 import shlex
 from collections.abc import Callable
 
+from polyprune.cli_mixes import cmd_mix, cmd_sweep
 from polyprune.compress.methods import get_method
 from polyprune.errors import InputError
 
@@ -249,6 +250,8 @@ def _cmd_data(args) -> int:
 
 # subcommand -> the function that runs it with the parsed arguments; returns the exit code
 COMMANDS: dict[str, Callable[..., int]] = {
+    "sweep": cmd_sweep,
+    "mix": cmd_mix,
     "prune": _cmd_prune,
     "quantize": _cmd_quantize,
     "data": _cmd_data,

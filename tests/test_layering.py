@@ -38,7 +38,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("analysis", ("polyprune.analysis",)),
     ("api", ("polyprune.api",)),
     ("eval", ("polyprune.eval",)),
-    ("cli", ("polyprune.cli", "polyprune.cli_commands")),
+    ("cli", ("polyprune.cli", "polyprune.cli_commands", "polyprune.cli_mixes")),
 )
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "Allocator",
     "BlockInputs",
     "StopForward",
+    "batch_slices",
     "block_output",
     "capture_block_inputs",
     "memmap_tensor",
@@ -52,13 +53,29 @@ class BlockInputs:
     hidden: torch.Tensor  # (N, T, H)
     extra: list[dict[int, tuple[tuple, dict]]]  # per block: batch size -> (args after x, kwargs)
     block: int = 0
+    segments: tuple[int, ...] | None = None  # consecutive parts no batch straddles
 
     def batches(self, batch_size: int):
         extra = self.extra[self.block]
-        for start in range(0, self.hidden.shape[0], batch_size):
-            end = min(start + batch_size, self.hidden.shape[0])
-            args, kwargs = extra[end - start]
-            yield slice(start, end), args, kwargs
+        for sl in batch_slices(self.hidden.shape[0], batch_size, self.segments):
+            args, kwargs = extra[sl.stop - sl.start]
+            yield sl, args, kwargs
+
+
+def batch_slices(n: int, batch_size: int, segments: tuple[int, ...] | None = None) -> list[slice]:
+    """Batches of ``batch_size`` rows of ``n``, each segment (consecutive parts of the given
+    sizes; default one) cut from its own first row, so no batch straddles two segments: a
+    segment then gets exactly the batches a run over it alone would (sweeps over language
+    pools rely on it for bit-identical statistics)."""
+    segments = (n,) if segments is None else segments
+    if sum(segments) != n or any(s < 1 for s in segments):
+        raise ValueError(f"segments {segments} do not partition {n} rows")
+    out, start = [], 0
+    for size in segments:
+        end = start + size
+        out.extend(slice(a, min(a + batch_size, end)) for a in range(start, end, batch_size))
+        start = end
+    return out
 
 
 # Allocates a buffer of the given shape and dtype (the engine's activation buffers)
@@ -114,6 +131,7 @@ def capture_block_inputs(
     progress: bool = True,
     storage: torch.device | str | None = None,
     alloc: Allocator | None = None,
+    segments: tuple[int, ...] | None = None,
 ) -> BlockInputs:
     """Run the model's own forward over every batch of windows with each decoder block
     replaced by the identity, keeping block 0's inputs on ``storage`` (default: the device
@@ -164,9 +182,9 @@ def capture_block_inputs(
         block.forward = identity  # an instance attribute shadows the class's forward
     move_outside(model, blocks, device)
     try:
-        starts = range(0, N, batch_size)
-        for start in tqdm(starts, desc="capture", disable=not progress, leave=False):
-            state["slice"] = slice(start, min(start + batch_size, N))
+        slices = batch_slices(N, batch_size, segments)
+        for sl in tqdm(slices, desc="capture", disable=not progress, leave=False):
+            state["slice"] = sl
             with contextlib.suppress(StopForward):
                 model(input_ids[state["slice"]].to(device), use_cache=False)
     finally:
@@ -177,7 +195,7 @@ def capture_block_inputs(
             if forward is not None:
                 block.forward = forward
         move_outside(model, blocks, home)
-    return BlockInputs(state["hidden"], extra)
+    return BlockInputs(state["hidden"], extra, segments=segments)
 
 
 def block_output(out) -> torch.Tensor:

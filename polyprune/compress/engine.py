@@ -203,7 +203,7 @@ def activation_allocator(cfg: EngineConfig) -> Allocator:
     return alloc
 
 
-def _solve_group(
+def solve_group(
     group: list[tuple[str, nn.Module]],
     st: InputStats | None,
     method: Method,
@@ -350,7 +350,7 @@ def compress_blocks(
             t0 = time.perf_counter()
             io.load(b, block)
             for name, mod in linear_layers(block).items():
-                _solve_group([(name, mod)], None, method, cfg, f"{prefix}.{b}", report)
+                solve_group([(name, mod)], None, method, cfg, f"{prefix}.{b}", report)
             io.release(b, block)
             report.block_seconds.append(time.perf_counter() - t0)
         report.seconds["solve"] = time.perf_counter() - t_start
@@ -406,7 +406,7 @@ def _compress_block(
         )
         t1 = time.perf_counter()
         for group, st in zip(groups, stats, strict=True):
-            _solve_group(group, st, method, cfg, prefix, report)
+            solve_group(group, st, method, cfg, prefix, report)
         timers.statistics += t1 - t0
         timers.solve += time.perf_counter() - t1
         return
@@ -418,7 +418,7 @@ def _compress_block(
         )
         t1 = time.perf_counter()
         for group, st in zip(phase, stats, strict=True):
-            _solve_group(group, st, method, cfg, prefix, report)
+            solve_group(group, st, method, cfg, prefix, report)
         del stats
         timers.statistics += t1 - t0
         timers.solve += time.perf_counter() - t1

@@ -51,6 +51,7 @@ from polyprune.weights import drop_ignorable, fit_error, open_safetensors, unfit
 __all__ = [
     "Checkpoint",
     "StreamResult",
+    "StreamedModel",
     "compress_checkpoint",
     "empty_model",
     "has_safetensors",
@@ -284,66 +285,64 @@ class StreamResult:
     checkpoint_format: str | None = None  # gptq / gptq_v2 with format="gptq"
 
 
-def compress_checkpoint(
-    path: str | Path,
-    input_ids: torch.Tensor | None,
-    cfg: EngineConfig,
-    writer: CheckpointWriter,
-    run_dtype: torch.dtype,
-    version: str = "",
-) -> StreamResult:
-    """Compress the checkpoint in ``path`` into ``writer`` (weights, config, masks; no
-    tokenizer or manifest), one decoder block in memory at a time. Blocks run in ``run_dtype``
-    on ``cfg.device`` and are written as they are released. (Over 80 lines: the engine's
-    load / release / capture are closures sharing the checkpoint, skeleton and report.)"""
-    from transformers import AutoConfig
+class StreamedModel:
+    """A checkpoint opened for block-by-block work: the skeleton (meta parameters) of its
+    model in ``run_dtype``, and the engine's hooks to materialise a block on ``device``
+    (:meth:`load`), to set it back to meta (:meth:`free`) and to read the modules outside the
+    blocks while block 0's inputs are captured (:meth:`capture`)."""
 
-    config = AutoConfig.from_pretrained(path)
-    model = empty_model(config, run_dtype)
-    ckpt = Checkpoint(path, model)
-    prefix, blocks = find_blocks(model)
-    report = EngineReport()
-    lean = lean_malloc()
+    def __init__(self, path: str | Path, device: torch.device | str, run_dtype: torch.dtype):
+        from transformers import AutoConfig
 
-    def read_into(module: nn.Module, module_prefix: str, device) -> None:
-        """Materialise the meta tensors of ``module`` (named ``module_prefix``) on ``device``."""
+        self.path, self.device, self.run_dtype = path, device, run_dtype
+        self.config = AutoConfig.from_pretrained(path)
+        self.model = empty_model(self.config, run_dtype)
+        self.ckpt = Checkpoint(path, self.model)
+        self.prefix, self.blocks = find_blocks(self.model)
+        self.lean = lean_malloc()
+
+    def read_into(self, module: nn.Module, module_prefix: str) -> None:
+        """Materialise the meta tensors of ``module`` (named ``module_prefix``) on the device."""
         local = {
             name: t for name, t in module.state_dict(keep_vars=True).items() if t.is_meta
         }  # fmt: skip
         names = {f"{module_prefix}{name}": name for name in local}
-        missing = [n for n in names if n not in ckpt.where]
+        missing = [n for n in names if n not in self.ckpt.where]
         if missing:
-            raise InputError(f"checkpoint {str(path)!r} lacks {', '.join(missing[:3])}")
-        for full, t in ckpt.read(list(names)).items():
-            _set_tensor(module, names[full], _cast(t, run_dtype).to(device))
-        module.to(device)
+            raise InputError(f"checkpoint {str(self.path)!r} lacks {', '.join(missing[:3])}")
+        for full, t in self.ckpt.read(list(names)).items():
+            _set_tensor(module, names[full], _cast(t, self.run_dtype).to(self.device))
+        module.to(self.device)
 
-    def load(b: int, block: nn.Module) -> None:
-        read_into(block, f"{prefix}.{b}.", cfg.device)
+    def load(self, b: int, block: nn.Module) -> None:
+        self.read_into(block, f"{self.prefix}.{b}.")
 
-    def release(b: int, block: nn.Module) -> None:
-        """Write block ``b`` (its grids and masks drained from the report) and free it."""
-        where = f"{prefix}.{b}."
-        grids = {k: report.quant.pop(k) for k in [k for k in report.quant if k.startswith(where)]}
-        masks = {k: report.masks.pop(k) for k in [k for k in report.masks if k.startswith(where)]}
-        writer.add_module(where[:-1], block, grids, masks)
+    def free(self, block: nn.Module) -> None:
+        """Back to meta, and the freed heap back to the system."""
         block.to("meta")
-        lean.trim()
+        self.lean.trim()
+
+    def outside(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors outside the blocks, one at a time (a tied lm_head is absent
+        from the checkpoint and stays absent, so an output written from these stays tied)."""
+        for name in self.ckpt.names():
+            if not name.startswith(f"{self.prefix}."):
+                yield name, self.ckpt.read([name])[name]
 
     @contextlib.contextmanager
-    def capture() -> Iterator[None]:
+    def capture(self) -> Iterator[None]:
         """Modules outside the blocks are read from the checkpoint when the forward first calls
         them (embeddings, positional tables) and set back to meta afterwards; lm_head and the
         final norm, after block 0, are never read."""
-        inside = {id(m) for m in blocks.modules()}
+        inside = {id(m) for m in self.blocks.modules()}
         hooks, loaded = [], []
 
         def on_call(mod, args, name):
             if any(t.is_meta for t in mod.state_dict(keep_vars=True).values()):
-                read_into(mod, f"{name}." if name else "", cfg.device)
+                self.read_into(mod, f"{name}." if name else "")
                 loaded.append(mod)
 
-        for name, mod in model.named_modules():
+        for name, mod in self.model.named_modules():
             if id(mod) in inside:
                 continue
             own = [*mod._parameters.values(), *mod._buffers.values()]
@@ -358,20 +357,49 @@ def compress_checkpoint(
             for mod in loaded:
                 mod.to("meta")
 
+    def io(self, release: Callable[[int, nn.Module], None]) -> BlockIO:
+        """The engine's :class:`BlockIO` with this ``release`` (which should end in
+        :meth:`free`)."""
+        return BlockIO(self.load, release, self.capture, self.lean.forwards)
+
+    def finish_config(self):
+        """The config an output of this model is written with."""
+        self.config.architectures = [type(self.model).__name__]
+        return self.config
+
+    def generation_config(self) -> Path | None:
+        generation = Path(self.path) / "generation_config.json"
+        return generation if generation.is_file() else None
+
+
+def compress_checkpoint(
+    path: str | Path,
+    input_ids: torch.Tensor | None,
+    cfg: EngineConfig,
+    writer: CheckpointWriter,
+    run_dtype: torch.dtype,
+    version: str = "",
+) -> StreamResult:
+    """Compress the checkpoint in ``path`` into ``writer`` (weights, config, masks; no
+    tokenizer or manifest), one decoder block in memory at a time. Blocks run in ``run_dtype``
+    on ``cfg.device`` and are written as they are released."""
+    sm = StreamedModel(path, cfg.device, run_dtype)
+    report = EngineReport()
+
+    def release(b: int, block: nn.Module) -> None:
+        """Write block ``b`` (its grids and masks drained from the report) and free it."""
+        where = f"{sm.prefix}.{b}."
+        grids = {k: report.quant.pop(k) for k in [k for k in report.quant if k.startswith(where)]}
+        masks = {k: report.masks.pop(k) for k in [k for k in report.masks if k.startswith(where)]}
+        writer.add_module(where[:-1], block, grids, masks)
+        sm.free(block)
+
     try:
-        # Tensors outside the blocks go first, copied in the output dtype (a tied lm_head is
-        # absent from the checkpoint and stays absent, so it stays tied).
-        block_names = f"{prefix}."
-        for name in ckpt.names():
-            if not name.startswith(block_names):
-                writer.add(name, ckpt.read([name])[name])
-        compress_blocks(
-            model, input_ids, cfg, BlockIO(load, release, capture, lean.forwards), report
-        )
-        config.architectures = [type(model).__name__]
-        generation = Path(path) / "generation_config.json"
-        fmt = writer.finish(config, generation if generation.is_file() else None, version)
+        for name, t in sm.outside():  # first, in the output dtype
+            writer.add(name, t)
+        compress_blocks(sm.model, input_ids, cfg, sm.io(release), report)
+        fmt = writer.finish(sm.finish_config(), sm.generation_config(), version)
     except BaseException:
         writer.abort()
         raise
-    return StreamResult(report, model, run_dtype, fmt)
+    return StreamResult(report, sm.model, run_dtype, fmt)

@@ -37,7 +37,7 @@ __all__ = ["Table", "build_tables", "heatmap", "to_csv", "to_markdown", "write_t
 logger = logging.getLogger(__name__)
 
 DENSE = "dense"
-LOWER_IS_BETTER = frozenset({"ppl", "pruning_error"})
+LOWER_IS_BETTER = frozenset({"ppl", "pruning_error", "damage"})
 
 
 def primary_metric(task: str) -> str:
@@ -137,7 +137,7 @@ def _fmt(t: Table, i: int, j: int) -> str:
         return "–"
     # Pruning errors are ~1e-4 on real models: significant digits, not fixed decimals.
     spec = {"acc": ".3f", "acc_norm": ".3f", "f1": ".3f", "exact_match": ".3f",
-            "pruning_error": ".2e"}.get(t.metric, ".2f")  # fmt: skip
+            "pruning_error": ".2e", "damage": ".4f"}.get(t.metric, ".2f")  # fmt: skip
     text = f"{t.mean[i, j]:{spec}}"
     if t.n[i, j] > 1:
         text += f" ± {t.std[i, j]:{spec}}"
