@@ -103,10 +103,13 @@ def sweep_blocks(
     io: BlockIO,
     sinks: Mapping[str, Sink],
     predict: bool = False,
+    damage_langs: tuple[str, ...] | None = None,
 ) -> SweepReport:
     """Compress the model once per entry from one dense pass per block. ``input_ids`` holds
     the pools' windows, pool after pool; ``sinks`` the writer of each entry that is written
-    (``entry.write``). The model's blocks end dense (``io.release`` frees them)."""
+    (``entry.write``). With ``predict``, each entry's damage on ``damage_langs`` (default:
+    every pool's language; each costs one (out, in) x (in, in) product per Linear and entry).
+    The model's blocks end dense (``io.release`` frees them)."""
     method = engine_method(cfg.method)
     if method.stat is None:
         raise InputError(f"method {cfg.method} uses no calibration data: every mix is the same")
@@ -115,6 +118,10 @@ def sweep_blocks(
     if sum(p.count for p in pools) != input_ids.shape[0]:
         raise ValueError(f"{input_ids.shape[0]} windows for pools of {[p.key for p in pools]}")
     keys = [p.key for p in pools]
+    pool_langs = list(dict.fromkeys(p.lang for p in pools))
+    damage_langs = tuple(pool_langs if damage_langs is None else damage_langs)
+    if set(damage_langs) - set(pool_langs):
+        raise ValueError(f"no pool for damage languages {set(damage_langs) - set(pool_langs)}")
     for e in entries:
         unknown = set(e.shares) - set(keys)
         if unknown:
@@ -143,7 +150,7 @@ def sweep_blocks(
         groups = [[(name, block.get_submodule(name)) for name in g] for g in structure]
         t0 = time.perf_counter()
         stats, lang_h = _pass(block, inputs, out, groups, pools, row_pool, method.stat, cfg,
-                              io.forwards, predict)  # fmt: skip
+                              io.forwards, damage_langs if predict else None)  # fmt: skip
         timers["statistics"] += time.perf_counter() - t0
         _solve_entries(f"{prefix}.{b}", b, block, groups, stats, lang_h, entries, cfg, method,
                        sinks, result, timers)  # fmt: skip
@@ -154,13 +161,13 @@ def sweep_blocks(
     return result
 
 
-def _pass(block, inputs, out, groups, pools, row_pool, kind, cfg, forwards, predict):
+def _pass(block, inputs, out, groups, pools, row_pool, kind, cfg, forwards, langs):
     """One forward of the dense block over every pool: per group, one statistic per pool
-    (and with ``predict`` the language Hessians for the damage), and the outputs in ``out``.
-    Returns the per-group :class:`LanguageStats` and, with ``predict``, per group
-    ``{lang: H_l or its diagonal}``."""
+    (and the Hessians of ``langs`` for the damage, unless None), and the outputs in ``out``.
+    Returns the per-group :class:`LanguageStats` and, with ``langs``, per group
+    ``{lang: H_l}``."""
     keys = [p.key for p in pools]
-    langs = list(dict.fromkeys(p.lang for p in pools))
+    predict = langs is not None
     storage = _storage(cfg)
     stats, extra = [], []
     current: list[Pool] = [pools[0]]
@@ -176,7 +183,7 @@ def _pass(block, inputs, out, groups, pools, row_pool, kind, cfg, forwards, pred
 
         def hook(module, args, st=st, hs=hs):
             st.update(current[0].key, args[0])
-            if hs is not None:
+            if hs is not None and current[0].lang in hs.n:
                 hs.update(current[0].lang, args[0])
 
         handles.append(group[0][1].register_forward_pre_hook(hook))

@@ -123,7 +123,10 @@ def optimise(
     singles = [CalibrationMix((lang,), (1.0,)) for lang in langs]
     uniform = CalibrationMix(tuple(langs), (1.0,) * len(langs))
     design = singles + all_pairs(langs) + [uniform]
-    kw = dict(sweep_kw, predict=True, write=False, pooling="shared", langs=extra)
+    # damage on the targets only: the search needs no other (each language costs a product per
+    # Linear and mix); the report's table shows the targets
+    kw = dict(sweep_kw, predict=True, write=False, pooling="shared", langs=extra,
+              damage_langs=targets)  # fmt: skip
     first = sweep(model, method, [], predict_only=design, **kw)
     cache = {}
     for mix, name in zip(design, first.entries, strict=True):

@@ -233,6 +233,7 @@ def sweep(
     write: bool = True,
     pooling: str = "exact",
     langs: Sequence[str] = (),
+    damage_langs: Sequence[str] | None = None,
     source: str = "bundled",
     nsamples: int = 128,
     seqlen: int = 2048,
@@ -253,7 +254,8 @@ def sweep(
     """Compress ``model`` (a safetensors checkpoint: hub id, directory, ``demo``,
     ``gemma-3-270m``) once per mix of ``mixes`` from one pass, writing each to
     ``out/<mix>/`` (unless ``write`` is False); ``predict_only`` mixes are solved for the
-    predicted damage only. ``langs``: more languages to predict the damage on."""
+    predicted damage only. ``langs``: more languages to predict the damage on;
+    ``damage_langs``: only these (default: every language of a mix or of ``langs``)."""
     t0 = time.perf_counter()
     all_mixes = list(mixes) + list(predict_only)
     prune_cfg = _check(method, sparsity, pattern, nsamples, seqlen, seed, sampling, source,
@@ -316,7 +318,8 @@ def sweep(
             rep = sweep_blocks(sm.model, input_ids, pools, entries, cfg,
                                sm.io(lambda b, block: sm.free(block)),
                                {n: _sink(sm.prefix, w) for n, w in writers.items()},
-                               predict)  # fmt: skip
+                               predict,
+                               None if damage_langs is None else tuple(damage_langs))  # fmt: skip
             for w in writers.values():
                 w.finish(sm.finish_config(), sm.generation_config(), _version())
         except BaseException:

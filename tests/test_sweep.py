@@ -1,0 +1,202 @@
+"""``polyprune sweep`` and ``mix optimise``: entries against the runs they stand for, the
+statistics of weighted entries against concatenated windows, predicted damage, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import polyprune.compress.engine as engine_mod
+import polyprune.compress.sweep as sweep_mod
+from polyprune.api import prune
+from polyprune.cli import main
+from polyprune.compress.capture import batch_slices
+from polyprune.compress.damage import statistic_matrix
+from polyprune.data.mix import CalibrationMix
+from polyprune.eval.mixsearch import optimise, to_mix
+from polyprune.eval.sweep import grid_mixes, mix_dirname, parse_mixes, plan_sweep, sweep
+
+SMALL = {"nsamples": 6, "seqlen": 32, "batch_size": 4, "progress": False}
+
+
+def cli(*args):
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+
+
+def tensors(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_batches_never_straddle_segments():
+    got = [(s.start, s.stop) for s in batch_slices(9, 4, (6, 3))]
+    assert got == [(0, 4), (4, 6), (6, 9)]
+    assert [(s.start, s.stop) for s in batch_slices(5, 2)] == [(0, 2), (2, 4), (4, 5)]
+    with pytest.raises(ValueError):
+        batch_slices(5, 2, (2, 2))
+
+
+def test_exact_pools_give_each_mix_its_runs_counts():
+    mixes = parse_mixes("de;de,en;sw:3,en:1")
+    pools, plans = plan_sweep(mixes, 8)
+    assert sorted(p.key for p in pools) == ["de/4", "de/8", "en/2", "en/4", "sw/6"]
+    shares = {p.name: p.shares for p in plans}
+    assert shares == {"de": {"de/8": 1.0}, "de+en": {"de/4": 0.5, "en/4": 0.5},
+                      "sw3+en1": {"sw/6": 0.75, "en/2": 0.25}}  # fmt: skip
+    # a language's pools are consecutive (fed one after the other)
+    langs = [p.lang for p in pools]
+    assert langs == sorted(langs, key=langs.index)
+    shared, splans = plan_sweep(mixes, 8, "shared")
+    assert sorted(p.key for p in shared) == ["de/8", "en/8", "sw/8"]
+    assert splans[2].shares == {"sw/8": 0.75, "en/8": 0.25}
+
+
+def test_grid_and_names():
+    grid = grid_mixes(["de", "en"], 2)
+    assert sorted(mix_dirname(m) for m in grid) == ["de", "de+en", "en"]
+    assert mix_dirname(CalibrationMix(("sw", "en"), (3.0, 1.0))) == "sw3+en1"
+    assert str(to_mix({"de": 0.7, "sw": 0.3}, 10)) == "de:7,sw:3"
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_single_language_entry_is_the_dense_propagation_run_bit_for_bit(
+    tiny_model_dir, tmp_path, method
+):
+    model = tiny_model_dir("llama")
+    out = tmp_path / "sweep"
+    sweep(model, method, parse_mixes("de;en;de,en"), out=out, **SMALL)
+    for lang in ("de", "en"):
+        run = tmp_path / f"run-{lang}"
+        prune(model, method=method, calib=lang, propagate="dense", out=run, stream=True, **SMALL)
+        a, b = tensors(run), tensors(out / lang)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), lang
+        m = json.loads((out / lang / "polyprune.json").read_text())
+        r = json.loads((run / "polyprune.json").read_text())
+        assert m["calibration"]["fingerprint"] == r["calibration"]["fingerprint"]
+        assert m["settings"]["propagate"] == "dense"
+        assert m["settings"]["sweep"]["equals"].startswith(f"polyprune prune --calib {lang} ")
+    # and the entries differ from each other: the test can fail
+    assert not torch.equal(tensors(out / "de")["model.layers.0.mlp.down_proj.weight"],
+                           tensors(out / "en")["model.layers.0.mlp.down_proj.weight"])  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_weighted_entry_statistics_equal_the_runs_over_concatenated_windows(
+    tiny_model_dir, tmp_path, monkeypatch, method
+):
+    """The statistic each Linear group is solved from: the sweep's weighted sum of per-pool
+    statistics against the run over the concatenated windows (batches cut elsewhere: equal to
+    fp32 rounding, 1e-5 relative)."""
+    model = tiny_model_dir("llama")
+    seen: dict[str, list[torch.Tensor]] = {"sweep": [], "run": []}
+
+    def spy(where):
+        real = engine_mod.solve_group
+
+        def wrapped(group, st, *a, **k):
+            seen[where].append(statistic_matrix(st).clone())
+            return real(group, st, *a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(sweep_mod, "solve_group", spy("sweep"))
+    sweep(model, method, parse_mixes("de:2,en:1"), out=tmp_path / "s", **SMALL)
+    monkeypatch.setattr(engine_mod, "solve_group", spy("run"))
+    prune(model, method=method, calib="de:2,en:1", propagate="dense", out=tmp_path / "r",
+          stream=True, **SMALL)  # fmt: skip
+    assert len(seen["sweep"]) == len(seen["run"]) > 0
+    for s, r in zip(seen["sweep"], seen["run"], strict=True):
+        assert torch.allclose(s, r, rtol=1e-5, atol=1e-6 * float(r.abs().max()))
+    # the statistics differ from one language's alone
+    seen["sweep"].clear()
+    monkeypatch.setattr(sweep_mod, "solve_group", spy("sweep"))
+    sweep(model, method, parse_mixes("de"), out=tmp_path / "s1", **SMALL)
+    assert not torch.allclose(seen["sweep"][0], seen["run"][0], rtol=1e-3)
+
+
+def test_predicted_damage_is_zero_unpruned_and_grows_with_sparsity(tiny_model_dir):
+    model = tiny_model_dir("llama")
+    damage = {}
+    for s in (0.0, 0.3, 0.6):
+        res = sweep(model, "sparsegpt", parse_mixes("de;en"), sparsity=s, predict=True,
+                    write=False, **SMALL)  # fmt: skip
+        damage[s] = res.predicted
+    for mix in ("de", "en"):
+        for lang in ("de", "en"):
+            assert damage[0.0][mix][lang] == 0.0
+            assert 0 < damage[0.3][mix][lang] < damage[0.6][mix][lang] < 1
+    # calibrating on a language predicts less damage on it than calibrating on the other
+    assert damage[0.6]["de"]["de"] < damage[0.6]["en"]["de"]
+    assert damage[0.6]["en"]["en"] < damage[0.6]["de"]["en"]
+
+
+def test_sweep_command_writes_models_tables_and_heatmap(tiny_model_dir, tmp_path, capsys):
+    model = tiny_model_dir("llama")
+    out = tmp_path / "out"
+    rc = cli("sweep", "--model", model, "--method", "wanda", "--langs", "de,en",
+             "--all-single", "--uniform", "--grid", "3", "--predict", "--nsamples", "4",
+             "--seqlen", "32", "--out", out, "-q")  # fmt: skip
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["de", "en", "de+en", "predicted_damage.csv", "predicted_damage.md",
+         "predicted_damage.png", "sweep.json"])  # fmt: skip
+    info = json.loads((out / "sweep.json").read_text())
+    # the grid's mixes are predicted, not written: de2+en1 and de1+en2
+    assert set(info["predicted_damage"]) == {"de", "en", "de+en", "de2+en1", "de1+en2"}
+    assert not info["mixes"]["de2+en1"]["written"]
+    rows = (out / "predicted_damage.csv").read_text().splitlines()
+    assert len(rows) == 1 + 5
+    assert "written to" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--mixes", "de;;en"], "bad --mixes"),
+        (["--mixes", "de,xx"], "xx"),
+        (["--all-single"], "--all-single needs --langs"),
+        (["--langs", "de,en", "--grid", "2"], "--grid mixes are predicted, not written"),
+        (["--mixes", "de", "--no-write"], "--no-write writes nothing"),
+        (["--mixes", "de;de"], "given twice"),
+        (["--mixes", "de", "--nsamples", "0"], "nsamples"),
+        (["--mixes", "de,en", "--nsamples", "1"], "no sample"),
+    ],
+)
+def test_bad_sweep_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, extra, message):
+    model = tiny_model_dir("llama")
+    rc = cli("sweep", "--model", model, "--method", "wanda", "--seqlen", "32",
+             "--out", tmp_path / "o", *extra)  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_refuses_a_data_free_method(tiny_model_dir, tmp_path, capsys):
+    rc = cli("sweep", "--model", tiny_model_dir("llama"), "--method", "magnitude",
+             "--mixes", "de", "--out", tmp_path / "o")  # fmt: skip
+    assert rc == 2 and "magnitude" in capsys.readouterr().err
+
+
+def test_optimise_recommends_a_mix_no_worse_than_single_and_uniform(tiny_model_dir, tmp_path):
+    """On predicted damage the recommended mix is the best evaluated one, so never worse than
+    the best single language or the uniform mix; --verify measures all three."""
+    model = tiny_model_dir("llama")
+    rep = optimise(model, "sparsegpt", ["de", "en", "sw"], ["de", "sw"], "worst", verify=True,
+                   ppl_tokens=256, ppl_seqlen=32, out=tmp_path / "opt", **SMALL)  # fmt: skip
+    roles = {c.role: c for c in rep.candidates}
+    assert set(roles) == {"recommended", "best single", "uniform"}
+    rec = roles["recommended"]
+    assert rec.score <= roles["best single"].score + 1e-12
+    assert rec.score <= roles["uniform"].score + 1e-12
+    assert rec.score == pytest.approx(max(rec.predicted[t] for t in ("de", "sw")))
+    for c in rep.candidates:
+        assert set(c.measured) == {"de", "en", "sw"}
+        assert all(math.isfinite(v) and v > 1 for v in c.measured.values())
+    assert (tmp_path / "opt" / "optimise.md").is_file()
+    assert (tmp_path / "opt" / "models" / "sweep.json").is_file()
