@@ -378,3 +378,44 @@ def test_an_output_calibrated_before_bos_first_windows_is_not_reused(tmp_path):
     del manifest["calibration"]["windows"]
     (out / "polyprune.json").write_text(json.dumps(manifest))
     assert not _manifest_matches(out, cell)
+
+
+def test_a_sweep_config_writes_each_pruned_cell_from_one_sweep(tmp_path, monkeypatch):
+    """``sweep: true``: one sweep per (model, method, sparsity, seed) writes every mix's model
+    (dense propagation), each equal bit for bit to ``prune --propagate dense``; the cells then
+    reuse them, and a second run sweeps nothing."""
+    from safetensors.torch import load_file
+
+    import polyprune.eval.matrix as matrix_mod
+    from polyprune.api import prune
+
+    path = write_config(tmp_path, sweep=True, seeds=[0], dense_baseline=False,
+                        eval__tasks=["ppl"], eval__langs=["de"])  # fmt: skip
+    cfg = load_config(path)
+    calls = []
+    real = matrix_mod.sweep_cells
+    monkeypatch.setattr(matrix_mod, "sweep_cells", lambda c, p=True: calls.append(real(c, p)))
+    assert cli("matrix", path, "-q") == 0
+    assert calls == [1]  # one (model, method, sparsity, seed): one sweep for both mixes
+    cells = expand(cfg)
+    assert {c.mix for c in cells} == {"de", "en"}
+    for cell in cells:
+        m = json.loads((cell.compressed_dir() / "polyprune.json").read_text())
+        assert m["settings"]["propagate"] == "dense" and "sweep" in m["settings"]
+    cal = cfg.calibration
+    ref = tmp_path / "ref"
+    prune("demo", method="wanda", calib="de", nsamples=cal.nsamples, seqlen=cal.seqlen,
+          propagate="dense", out=ref, stream=True, progress=False)  # fmt: skip
+    got = load_file(str(next(c for c in cells if c.mix == "de").compressed_dir()
+                        / "model.safetensors"))  # fmt: skip
+    want = load_file(str(ref / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    cfg.store_path.unlink()  # the models stay: reused, no sweep
+    assert cli("matrix", path, "-q") == 0
+    assert calls == [1, 0]
+
+
+def test_sweep_needs_kept_compressed_models(tmp_path, capsys):
+    path = write_config(tmp_path, sweep=True, keep_compressed=False)
+    assert cli("matrix", path, "-q") == 2
+    assert "keep_compressed" in capsys.readouterr().err

@@ -58,6 +58,7 @@ __all__ = [
     "load_config",
     "run_cell",
     "run_matrix",
+    "sweep_cells",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,14 @@ class Cell:
             c |= {"bits": self.bits, "group_size": self.cfg.group_size}
         if self.mix is not None:
             c |= {"mix": self.mix, "seed": self.seed} | asdict(self.cfg.calibration)
+        if self.swept:  # not the reference propagation: other weights, another output
+            c |= {"propagate": "dense"}
         return c
+
+    @property
+    def swept(self) -> bool:
+        """Whether the cell's model comes from a sweep (dense propagation)."""
+        return self.cfg.sweep and self.method in PRUNE_METHODS and self.mix is not None
 
     def config(self) -> dict:
         """The cell's full config: compression, evaluation and analyses."""
@@ -195,6 +203,7 @@ def _manifest_matches(out: Path, cell: Cell) -> bool:
                 "windows": WINDOWS_PROTOCOL,
                 "seqlen": cc["seqlen"], "sampling": cc["sampling"]}  # fmt: skip
         ok &= all(cal.get(k) == v for k, v in want.items())
+    ok &= m.settings.get("propagate", "compressed") == ("dense" if cell.swept else "compressed")
     return bool(ok)
 
 
@@ -218,6 +227,8 @@ def _compressed_model(cell: Cell, progress: bool):
         out=out, overwrite=True, progress=progress, format="dense",
         command=f"polyprune matrix ({cfg.name}: {cell.label})",
     )  # fmt: skip
+    if cell.swept:  # what the sweep would have written for it
+        kw["propagate"] = "dense"
     if cell.method in PRUNE_METHODS:
         # kept outputs carry their masks (bit-packed, 1/16 of bf16 weights) so that
         # `polyprune analyze` can compare them (IoU) without pruning again
@@ -346,6 +357,42 @@ def _run_ray(cells, cfg: MatrixConfig, store, report, progress):
             ray.shutdown()
 
 
+def sweep_cells(cells: list[Cell], progress: bool = True) -> int:
+    """Write the models of the swept cells not on disk yet: one ``polyprune sweep`` per
+    (model, method, sparsity, seed) over its mixes, each entry moved to its cell's folder.
+    Returns how many sweeps ran."""
+    import shutil
+
+    from polyprune.data.mix import CalibrationMix
+    from polyprune.eval.sweep import mix_dirname, sweep
+
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        if c.swept and not _manifest_matches(c.compressed_dir(), c):
+            groups.setdefault((c.model, c.method, c.sparsity, c.seed), []).append(c)
+    for (model, method, sparsity, seed), group in groups.items():
+        cfg, cal = group[0].cfg, group[0].cfg.calibration
+        mixes = {c.mix: CalibrationMix.parse(c.mix) for c in group}
+        tmp = (
+            Path(cfg.workdir) / "compressed" / f".sweep-{_digest([model, method, sparsity, seed])}"
+        )
+        logger.info("sweep: %s %s %g seed %s over %d mixes", model, method, sparsity, seed,
+                    len(mixes))  # fmt: skip
+        sweep(model, method, list(mixes.values()), sparsity=sparsity, pattern=cfg.pattern,
+              source=cal.source, nsamples=cal.nsamples, seqlen=cal.seqlen, seed=seed or 0,
+              sampling=cal.sampling, device=cfg.device, dtype=cfg.dtype, save_masks=True,
+              out=tmp, overwrite=True, progress=progress,
+              command=f"polyprune matrix ({cfg.name}: sweep)")  # fmt: skip
+        for c in group:
+            dest = c.compressed_dir()
+            if dest.exists():
+                shutil.rmtree(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            (tmp / mix_dirname(mixes[c.mix])).rename(dest)
+        shutil.rmtree(tmp)
+    return len(groups)
+
+
 def run_matrix(
     cfg: MatrixConfig, executor: str = "local", dry_run: bool = False, progress: bool = True
 ) -> MatrixReport:
@@ -371,6 +418,8 @@ def run_matrix(
                     len(report.done_before), len(todo), executor)  # fmt: skip
         if dry_run or not todo:
             return report
+        if cfg.sweep:
+            sweep_cells(todo, progress)
         if executor == "ray":
             _run_ray(todo, cfg, store, report, progress)
         else:

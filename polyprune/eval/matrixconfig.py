@@ -26,6 +26,9 @@ Config (paths relative to the current directory)::
     device: cpu
     dtype: auto
     keep_compressed: true            # false: compress in memory, write nothing
+    sweep: false                     # true: the pruned cells of a (model, method, sparsity,
+                                     # seed) come from one `polyprune sweep` over all mixes
+                                     # (dense propagation; needs keep_compressed)
     analyses: [snr, error]           # optional: hidden-state SNR / pruning error vs dense
     executor: {address: auto, num_cpus: 1, num_gpus: 1}   # Ray only
 """
@@ -140,6 +143,7 @@ class MatrixConfig:
     device: str = "cpu"
     dtype: str = "auto"
     keep_compressed: bool = True
+    sweep: bool = False
     analyses: tuple[str, ...] = ()
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
 
@@ -229,6 +233,9 @@ class MatrixConfig:
                     src.check_language(lang)
         if not self.seeds:
             raise InputError("config: seeds must not be empty")
+        if self.sweep and not self.keep_compressed:
+            raise InputError("config: sweep writes the compressed models into the workdir; "
+                             "it needs keep_compressed: true")  # fmt: skip
         self.eval.check()
         if self.device.startswith("cuda") and self.executor.num_gpus == 0:
             logger.debug("device %s with executor.num_gpus 0 (fine for the local executor)",
