@@ -39,6 +39,7 @@ __all__ = [
     "outlier_ratio",
     "owl_sparsities",
     "profile_names",
+    "profile_settings",
     "profiles",
     "pruned_count",
 ]
@@ -123,6 +124,14 @@ def check_profile(name: str, method: str, sparsity: float, structured: bool, owl
                 f"sparsities lie within {sparsity:g} +- 2 lambda, so lambda must be below "
                 f"{bound:g}"
             )
+
+
+def profile_settings(name: str, owl: OwlParams) -> dict:
+    """The manifest settings of a profile: none for ``uniform``, so the manifests of runs
+    before profiles existed still compare equal."""
+    if name == "uniform":
+        return {}
+    return {"sparsity_profile": name, "owl_m": owl.m, "owl_lambda": owl.lmbda}
 
 
 def outlier_ratio(weights: Sequence, colsqs: Sequence, m: float) -> float:

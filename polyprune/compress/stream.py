@@ -291,6 +291,7 @@ def compress_checkpoint(
     writer: CheckpointWriter,
     run_dtype: torch.dtype,
     version: str = "",
+    langs=None,
 ) -> StreamResult:
     """Compress the checkpoint in ``path`` into ``writer`` (weights, config, masks; no
     tokenizer or manifest), one decoder block in memory at a time. Blocks run in ``run_dtype``
@@ -330,6 +331,11 @@ def compress_checkpoint(
         block.to("meta")
         lean.trim()
 
+    def unload(b: int, block: nn.Module) -> None:
+        """Free block ``b`` unchanged (after a profile's first pass; read again to prune)."""
+        block.to("meta")
+        lean.trim()
+
     @contextlib.contextmanager
     def capture() -> Iterator[None]:
         """Modules outside the blocks are read from the checkpoint when the forward first calls
@@ -365,9 +371,8 @@ def compress_checkpoint(
         for name in ckpt.names():
             if not name.startswith(block_names):
                 writer.add(name, ckpt.read([name])[name])
-        compress_blocks(
-            model, input_ids, cfg, BlockIO(load, release, capture, lean.forwards), report
-        )
+        io = BlockIO(load, release, capture, lean.forwards, unload)
+        compress_blocks(model, input_ids, cfg, io, report, langs)
         config.architectures = [type(model).__name__]
         generation = Path(path) / "generation_config.json"
         fmt = writer.finish(config, generation if generation.is_file() else None, version)
