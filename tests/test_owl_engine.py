@@ -174,3 +174,21 @@ def test_cli_refuses_owl_where_it_cannot_apply_in_one_line(
     assert message in err
     assert err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_owl_streamed_equals_owl_in_memory(tiny_model_dir, tmp_path):
+    """The streamed path reads each block twice (first pass, then pruning) and frees it in
+    between (BlockIO.unload), with the same result as the model in memory."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_dir("llama", layers=3)
+    outs = {}
+    for flag in ("--stream", "--no-stream"):
+        outs[flag] = tmp_path / flag.strip("-")
+        args = prune_args(model_dir, outs[flag], "--sparsity-profile", "owl", flag)
+        assert cli(*args) == 0
+    streamed, in_memory = (AutoModelForCausalLM.from_pretrained(outs[f]).state_dict() for f in outs)
+    for name, t in in_memory.items():
+        assert torch.equal(streamed[name], t), name
+    profiles = [json.loads((o / "polyprune.json").read_text())["profile"] for o in outs.values()]
+    assert profiles[0] == profiles[1]
