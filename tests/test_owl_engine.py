@@ -192,3 +192,34 @@ def test_owl_streamed_equals_owl_in_memory(tiny_model_dir, tmp_path):
         assert torch.equal(streamed[name], t), name
     profiles = [json.loads((o / "polyprune.json").read_text())["profile"] for o in outs.values()]
     assert profiles[0] == profiles[1]
+
+
+def test_analyze_draws_the_per_block_sparsities_of_runs_with_a_profile(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from polyprune import prune
+
+    runs = []
+    for profile, mix in (("owl", "de,sw"), ("owl", "en"), ("uniform", "en")):
+        runs.append(tmp_path / f"{profile}-{mix}")
+        prune("demo", method="wanda", sparsity=0.7, calib=mix, nsamples=8, seqlen=64,
+              out=runs[-1], progress=False, sparsity_profile=profile)  # fmt: skip
+    report = tmp_path / "report"
+    assert cli("analyze", "--dense", "demo", "--compressed", *runs, "--langs", "de,en",
+               "--metrics", "profile", "--nsamples", "1", "--seqlen", "32", "--out", report,
+               "-q") == 0  # fmt: skip
+    assert {p.name for p in report.iterdir()} == {"profile.png", "report.md", "metrics.json"}
+    img = np.asarray(Image.open(report / "profile.png").convert("L"))
+    assert min(img.shape) >= 300 and img.std() > 5
+    m = json.loads((report / "metrics.json").read_text())["profile"]
+    owl = "wanda unstructured 0.70 owl / "  # the profile is part of a run's setting
+    assert set(m) == {owl + "de,sw", owl + "en"}  # the uniform run has no profile
+    for label, p in m.items():
+        run = runs[["de,sw", "en"].index(label.removeprefix(owl))]
+        manifest = json.loads((run / "polyprune.json").read_text())
+        assert p["sparsity"] == manifest["profile"]["sparsity"]
+        assert len(p["achieved"]) == len(p["blocks"]) == 6
+        np.testing.assert_allclose(p["achieved"], p["solver_sparsity"], atol=0.01)
+    assert list(m[owl + "de,sw"]["outlier_ratio_by_language"]) == ["de", "sw"]
+    assert "## Layer-wise sparsity profiles" in (report / "report.md").read_text()
