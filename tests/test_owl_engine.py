@@ -223,3 +223,43 @@ def test_analyze_draws_the_per_block_sparsities_of_runs_with_a_profile(tmp_path,
         np.testing.assert_allclose(p["achieved"], p["solver_sparsity"], atol=0.01)
     assert list(m[owl + "de,sw"]["outlier_ratio_by_language"]) == ["de", "sw"]
     assert "## Layer-wise sparsity profiles" in (report / "report.md").read_text()
+
+
+def test_matrix_profiles_are_a_dimension_of_the_pruning_cells(tmp_path):
+    from polyprune.eval.matrix import expand, load_config
+
+    from .test_matrix import write_config
+
+    base = load_config(write_config(tmp_path, "base", methods=["magnitude", "wanda"]))
+    cfg = load_config(write_config(tmp_path, methods=["magnitude", "wanda", "gptq"],
+                                   profiles=["uniform", "owl"], sparsities=[0.6]))  # fmt: skip
+    labels = [c.label for c in expand(cfg)]
+    # magnitude: uniform only (owl does not apply); wanda: both; gptq: no profile at all
+    assert "demo/magnitude/0.6" in labels and "demo/magnitude/0.6-owl" not in labels
+    assert sum(lab.startswith("demo/wanda/0.6-owl/") for lab in labels) == 4
+    assert sum(lab.startswith("demo/wanda/0.6/") for lab in labels) == 4
+    assert all("owl" not in lab for lab in labels if "gptq" in lab)
+    # a config without profiles keeps its cells' ids (stores and outputs stay reusable)
+    assert [c.cell_id for c in expand(base)] == [
+        c.cell_id for c in expand(load_config(write_config(
+            tmp_path, "again", methods=["magnitude", "wanda"], profiles=["uniform"])))
+    ]  # fmt: skip
+    owl = next(c for c in expand(cfg) if c.profile == "owl")
+    assert owl.compress_config()["profile"] == "owl" and owl.level == "0.6-owl"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"profiles": ["steep"]}, "unknown sparsity profile 'steep'"),
+        ({"profiles": ["owl"], "methods": ["magnitude"]}, "profile owl applies to none"),
+        ({"profiles": ["owl"], "sparsities": [0.9]}, "--owl-lambda 0.08 is too large"),
+        ({"profiles": ["owl"], "owl_m": -1}, "--owl-m must be a finite number > 0"),
+    ],
+)
+def test_matrix_refuses_profiles_that_cannot_apply(tmp_path, capsys, changes, message):
+    from .test_matrix import write_config
+
+    assert cli("matrix", write_config(tmp_path, **changes), "-q") == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
