@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from polyprune import __version__
 from polyprune.checks import check_device, check_dtype
 from polyprune.compress.engine import EngineConfig, EngineReport, check_widths, compress_model
 from polyprune.compress.export import FORMATS, CheckpointWriter, output_dtype, write_model
 from polyprune.compress.manifest import QuantizationRecord, RunManifest
 from polyprune.compress.masks import Pattern
 from polyprune.compress.methods import get_method
+from polyprune.compress.profiles import OwlParams, profile_settings
 from polyprune.compress.quant import QuantConfig
 from polyprune.compress.solver import PruneConfig
 from polyprune.compress.stream import (
@@ -62,12 +64,6 @@ from polyprune.outputs import (
 __all__ = ["compress", "model_dirs", "prune", "quantize"]
 
 logger = logging.getLogger(__name__)
-
-
-def _version() -> str:
-    from polyprune import __version__
-
-    return __version__
 
 
 def prune(
@@ -193,6 +189,8 @@ def compress(
     max_shard_size: str | int = "5GB",
     true_sequential: bool = False,
     propagate: str = "compressed",
+    sparsity_profile: str = "uniform",
+    owl: OwlParams | None = None,
     tokenizer=None,
     out: str | os.PathLike | None = None,
     format: str = "dense",
@@ -215,8 +213,8 @@ def compress(
     engine_cfg = EngineConfig(
         method=method, prune=prune_cfg, device=device, batch_size=batch_size, offload=offload,
         offload_dir=offload_dir, true_sequential=true_sequential, propagate=propagate,
-        keep_masks=save_masks,
-        progress=progress, quant=quant,
+        keep_masks=save_masks, progress=progress, quant=quant, profile=sparsity_profile,
+        owl=owl or OwlParams(),
     )  # fmt: skip
     mix = check_settings(engine_cfg, format, dtype, stream, calib, source, nsamples, seqlen,
                           seed, sampling)  # fmt: skip
@@ -234,13 +232,12 @@ def compress(
         t = time.perf_counter()
         calib_set = _calibration_set(target, mix, source, nsamples, seqlen, seed, sampling)
         timings["calibration_data"] = time.perf_counter() - t
-    input_ids = calib_set.input_ids if calib_set else None
 
     spec = _OutputSpec(format, quant, max_shard_bytes, save_masks)
     staged = staged_output(out, overwrite) if out is not None else contextlib.nullcontext()
     with staged as tmp:
         model, report, run_dtype, checkpoint_format = _run_engine(
-            target, input_ids, engine_cfg, dtype, tmp, spec, timings
+            target, calib_set, engine_cfg, dtype, tmp, spec, timings
         )
         timings.update({f"engine_{k}": v for k, v in report.seconds.items()})
         manifest = build_manifest(engine_cfg, prune_cfg, quant, format, target.name, run_dtype,
@@ -331,19 +328,20 @@ class _OutputSpec:
 
 
 def _run_engine(
-    target: _Target, input_ids, cfg: EngineConfig, dtype: str, tmp: Path | None,
+    target: _Target, calib_set, cfg: EngineConfig, dtype: str, tmp: Path | None,
     spec: _OutputSpec, timings: dict[str, float],
 ) -> tuple[nn.Module | None, EngineReport, torch.dtype, str | None]:  # fmt: skip
     """Compress the model and, with an output folder ``tmp``, write its weights there:
     streamed block by block, or loaded (unless given), compressed and written. Returns the
     model (None when streamed), the engine's report, the run dtype and the GPTQ format."""
+    ids, langs = (calib_set.input_ids, calib_set.langs) if calib_set else (None, None)
     if target.streaming:
         source_dtype = checkpoint_dtype(target.config)
         run_dtype = resolve_dtype(dtype, cfg.device, source_dtype)
         if run_dtype == "auto":
             run_dtype = source_dtype or torch.float32
         writer = spec.writer(tmp, source_dtype, run_dtype)
-        result = compress_checkpoint(target.path, input_ids, cfg, writer, run_dtype, _version())
+        result = compress_checkpoint(target.path, ids, cfg, writer, run_dtype, __version__, langs)
         return None, result.report, run_dtype, result.checkpoint_format
     model, source_dtype = target.model, None
     if model is None:
@@ -351,12 +349,12 @@ def _run_engine(
         loaded = load_model(target.path, device=cfg.device, dtype=dtype, tokenizer=False)
         model, source_dtype = loaded.model, loaded.source_dtype
         timings["load"] = time.perf_counter() - t
-    report = compress_model(model, input_ids, cfg)
+    report = compress_model(model, ids, cfg, langs)
     run_dtype, checkpoint_format = next(model.parameters()).dtype, None
     if tmp is not None:
         t = time.perf_counter()
         writer = spec.writer(tmp, source_dtype, run_dtype)
-        checkpoint_format = write_model(model, writer, report.quant, report.masks, _version())
+        checkpoint_format = write_model(model, writer, report.quant, report.masks, __version__)
         timings["export"] = time.perf_counter() - t
     return model, report, run_dtype, checkpoint_format
 
@@ -420,11 +418,12 @@ def build_manifest(
     }
     settings.update({k: _setting(k, prune_cfg, quant) for k in spec.settings})
     # recorded only where they differ from the default, so older manifests still compare equal
-    extra = {"stream": True if streamed else None, "propagate": engine_cfg.propagate}
+    extra = {"stream": True if streamed else None, "propagate": engine_cfg.propagate,
+             **profile_settings(engine_cfg.profile, engine_cfg.owl)}  # fmt: skip
     settings.update({k: v for k, v in extra.items() if v not in (None, "compressed")})
     return RunManifest(
         tool="polyprune",
-        version=_version(),
+        version=__version__,
         command=command or f"polyprune.{spec.kind}()",
         model=str(model_name),
         # e.g. a GGUF converted in the cache: which file, which quantisation (Q4_K_M, ...)
@@ -437,6 +436,7 @@ def build_manifest(
             checkpoint_format,
         ),
         calibration=calib_set.manifest() if calib_set else None,
+        profile=report.profile,
         achieved_sparsity=report.overall_sparsity(),
         layers={
             r.name: {k: v for k, v in asdict(r).items() if k != "name"} for r in report.layers

@@ -15,6 +15,7 @@ import signal
 import sys
 
 from polyprune.compress.methods import Kind, allowed, method_names, methods
+from polyprune.compress.profiles import OwlParams, profile_names, profiles
 from polyprune.errors import InputError, one_line
 
 __all__ = ["main"]
@@ -170,6 +171,7 @@ def _add_prune_command(sub, common: argparse.ArgumentParser) -> argparse.Argumen
         help="fraction pruned, in [0, 1); default 0.5, or N/M with --pattern N:M",
     )
     p.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8, ...")
+    _add_profile_args(p)
     _add_calibration_args(p, calib_required=False)
     _add_run_args(p)
     p.add_argument(
@@ -188,6 +190,21 @@ def _add_prune_command(sub, common: argparse.ArgumentParser) -> argparse.Argumen
     )
     p.add_argument("--save-masks", action="store_true", help="also write masks.safetensors")
     return p
+
+
+def _add_profile_args(p: argparse.ArgumentParser) -> None:
+    """``--sparsity-profile`` from the profile registry, and OWL's hyperparameters."""
+    p.add_argument(
+        "--sparsity-profile",
+        choices=profile_names(),
+        default="uniform",
+        help="how the sparsity is shared out over the blocks: "
+        + "; ".join(f"{s.name}: {s.help}" for s in profiles()),
+    )
+    p.add_argument("--owl-m", type=float, default=OwlParams.m,
+                   help="owl: outliers are scores above M x their block's mean")  # fmt: skip
+    p.add_argument("--owl-lambda", type=float, default=OwlParams.lmbda,
+                   help="owl: block sparsities lie within the sparsity +- 2 lambda")  # fmt: skip
 
 
 def _add_quantize_command(sub, common: argparse.ArgumentParser) -> None:

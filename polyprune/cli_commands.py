@@ -118,11 +118,13 @@ def _check_calibration_flags(args) -> None:
 
 def _cmd_prune(args) -> int:
     from polyprune.api import prune
+    from polyprune.compress.profiles import OwlParams
 
     _check_calibration_flags(args)
     _, manifest = prune(
         args.model, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
-        save_masks=args.save_masks, **_common(args),
+        save_masks=args.save_masks, sparsity_profile=args.sparsity_profile,
+        owl=OwlParams(args.owl_m, args.owl_lambda), **_common(args),
     )  # fmt: skip
     _summary(manifest, args.out)
     return 0

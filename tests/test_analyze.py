@@ -282,7 +282,7 @@ def test_registry_names_are_what_analyze_metrics_accepts(capsys):
     from polyprune.errors import InputError
 
     names = metric_names()
-    assert names == METRICS == ("snr", "error", "iou", "lsar", "lape")
+    assert names == METRICS == ("snr", "error", "iou", "lsar", "lape", "profile")
     for name in names:
         assert get_metric(name).name == name
         assert AnalysisConfig(langs=("de", "en"), metrics=(name,)).metrics == (name,)

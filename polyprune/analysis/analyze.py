@@ -122,6 +122,8 @@ def _setting(manifest: RunManifest) -> str:
         parts.append(str(s["pattern"]))
     if "sparsity" in s:
         parts.append(f"{s['sparsity']:.2f}")
+    if "sparsity_profile" in s:
+        parts.append(str(s["sparsity_profile"]))
     q = manifest.quantization
     if q:
         parts.append(f"{q.bits}bit g{q.group_size}")
@@ -168,7 +170,9 @@ def _choose_metrics(cfg: AnalysisConfig, ctx: PassContext) -> list[Metric]:
         elif cfg.metrics is not None:
             raise InputError(f"metric {metric.name}: {why}")
         else:
-            logger.warning("skipping %s: %s", metric.name, why)
+            (logger.debug if metric.optional else logger.warning)(
+                "skipping %s: %s", metric.name, why
+            )
     return chosen
 
 

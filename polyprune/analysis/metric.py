@@ -37,6 +37,7 @@ _REGISTRY = {
     "iou": "polyprune.analysis.iou:IOU",
     "lsar": "polyprune.analysis.lsar:LSAR",
     "lape": "polyprune.analysis.lape:LAPE",
+    "profile": "polyprune.analysis.profile:PROFILE",
 }
 
 
@@ -102,6 +103,7 @@ class Metric:
     name: str = ""
     needs_pass: bool = False  # computed from the lockstep pass over the decoder blocks
     row_metric: str | None = None  # the matrix's result-row metric name, if it offers one
+    optional: bool = False  # skipped without a warning when it does not apply (not asked for)
 
     def unavailable(self, ctx: PassContext) -> str | None:
         """Why this metric cannot run on these inputs, or None when it can."""

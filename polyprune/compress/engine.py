@@ -43,6 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from polyprune.checks import check_device
+from polyprune.compress.allocation import allocate
 from polyprune.compress.capture import (
     Allocator,
     BlockInputs,
@@ -53,6 +54,7 @@ from polyprune.compress.capture import (
 from polyprune.compress.masks import pack_mask
 from polyprune.compress.methods import allowed, get_method, methods
 from polyprune.compress.passes import collect_stats, probe_groups, run_block
+from polyprune.compress.profiles import OwlParams, check_profile, get_profile
 from polyprune.compress.quant import QuantConfig, QuantTensors
 from polyprune.compress.solver import PruneConfig, SolverResult
 from polyprune.compress.stats import InputStats, StatKind
@@ -130,9 +132,16 @@ class EngineConfig:
     offload_dir: str | None = None  # directory of the --offload disk memory maps (default: TMP)
     quant: QuantConfig | None = None  # gptq / rtn, or joint sparsegpt + quantisation
     propagate: str = "compressed"  # one of PROPAGATIONS
+    profile: str = "uniform"  # layer-wise sparsity (polyprune.compress.profiles)
+    owl: OwlParams = OwlParams()  # hyperparameters of profile "owl"
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
+        if spec.kind == "prune":
+            check_profile(self.profile, self.method, self.prune.sparsity,
+                          self.prune.pattern.structured, self.owl)  # fmt: skip
+        elif self.profile != "uniform":
+            raise InputError(f"--sparsity-profile {self.profile} is for pruning methods")
         if spec.kind == "quantize" and self.quant is None:
             raise InputError(f"method {self.method} needs a quantisation config (bits)")
         if self.quant is not None and not spec.takes_quant:
@@ -175,6 +184,7 @@ class EngineReport:
     masks: dict[str, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)
     quant: dict[str, QuantTensors] = field(default_factory=dict)  # grids of quantised Linears
     block_seconds: list[float] = field(default_factory=list)  # load + compress + release
+    profile: dict | None = None  # a calibrated profile's record (Allocation.record)
 
     def overall_sparsity(self) -> float:
         total = sum(r.shape[0] * r.shape[1] for r in self.layers)
@@ -292,6 +302,8 @@ class BlockIO:
     # entered around each pass of calibration windows through a block (statistics and
     # propagation): the streamed path serves their temporaries from the heap (stream.lean_malloc)
     forwards: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    # takes a block away unchanged after a profile's first pass (default: ``release``)
+    unload: Callable[[int, nn.Module], None] | None = None
 
 
 def in_memory_io(device: torch.device | str) -> BlockIO:
@@ -309,15 +321,16 @@ def in_memory_io(device: torch.device | str) -> BlockIO:
 
 
 def compress_model(
-    model: nn.Module, input_ids: torch.Tensor | None, cfg: EngineConfig
+    model: nn.Module, input_ids: torch.Tensor | None, cfg: EngineConfig, langs=None
 ) -> EngineReport:
     """Compress every Linear of every decoder block in place. ``input_ids`` (N, T) are the
-    calibration windows (unused by data-free methods). Embeddings and lm_head are untouched.
-    The model runs in eval mode (no dropout) and gets its train/eval mode back afterwards."""
+    calibration windows (unused by data-free methods), ``langs`` their languages (per-language
+    statistics of a profile). Embeddings and lm_head are untouched. The model runs in eval
+    mode (no dropout) and gets its train/eval mode back afterwards."""
     was_training = model.training
     model.eval()
     try:
-        return compress_blocks(model, input_ids, cfg, in_memory_io(cfg.device))
+        return compress_blocks(model, input_ids, cfg, in_memory_io(cfg.device), langs=langs)
     finally:
         model.train(was_training)
 
@@ -335,10 +348,13 @@ def compress_blocks(
     cfg: EngineConfig,
     io: BlockIO,
     report: EngineReport | None = None,
+    langs=None,
 ) -> EngineReport:
     """The block loop shared by the in-memory and the streamed paths; ``io`` says where each
     block comes from and goes to. Records go to ``report`` (a new one by default), which
-    ``io.release`` may read and drain (masks, quantisation grids of the block it releases)."""
+    ``io.release`` may read and drain (masks, quantisation grids of the block it releases).
+    A calibrated profile (OWL) first passes the windows (languages ``langs``) through the dense
+    blocks for every block's sparsity (:mod:`polyprune.compress.allocation`)."""
     method = engine_method(cfg.method)
     prefix, blocks = find_blocks(model)
     check_widths(model, cfg)
@@ -359,6 +375,10 @@ def compress_blocks(
     if input_ids is None:
         raise InputError(f"method {cfg.method} needs calibration data (--calib)")
     alloc = activation_allocator(cfg)
+    plan = None
+    if get_profile(cfg.profile).calibrated:
+        plan = allocate(model, prefix, blocks, input_ids, langs, cfg, io, alloc)
+        report.profile = plan.record(cfg)
     with io.capture():
         inputs = capture_block_inputs(
             model, blocks, input_ids, cfg.device, cfg.batch_size, cfg.progress, alloc=alloc
@@ -372,8 +392,9 @@ def compress_blocks(
         io.load(b, block)
         inputs.block = b
         _compress_block(
-            block, f"{prefix}.{b}", inputs, out, method, cfg, report, structure, timers, io.forwards
-        )
+            block, f"{prefix}.{b}", inputs, out, method, plan.config(b, cfg) if plan else cfg,
+            report, structure, timers, io.forwards,
+        )  # fmt: skip
         io.release(b, block)
         report.block_seconds.append(time.perf_counter() - t0)
         inputs.hidden, out = out, inputs.hidden

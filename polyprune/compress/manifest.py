@@ -54,7 +54,9 @@ class QuantizationRecord:
 class RunManifest:
     """One compression run. ``settings`` holds the engine settings and those the method's
     registry record names (sparsity, pattern, blocksize, ...); ``calibration`` the calibration
-    set's record (None for data-free methods); ``layers`` one record per compressed Linear."""
+    set's record (None for data-free methods); ``layers`` one record per compressed Linear;
+    ``profile`` a calibrated sparsity profile's per-block record (docs/sparsity_profiles.md),
+    written only when there is one."""
 
     method: str
     kind: str = "prune"  # prune or quantize
@@ -70,6 +72,7 @@ class RunManifest:
     layers: dict[str, dict] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
+    profile: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # fields of other versions, kept
 
     # The order of the fields in the file, as written since the first version.
@@ -80,6 +83,8 @@ class RunManifest:
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self._ORDER}
         d["quantization"] = self.quantization.to_dict() if self.quantization else None
+        if self.profile is not None:
+            d["profile"] = self.profile
         return d | self.extra
 
     def to_json(self) -> str:

@@ -359,8 +359,12 @@ class StreamedModel:
 
     def io(self, release: Callable[[int, nn.Module], None]) -> BlockIO:
         """The engine's :class:`BlockIO` with this ``release`` (which should end in
-        :meth:`free`)."""
-        return BlockIO(self.load, release, self.capture, self.lean.forwards)
+        :meth:`free`); a block is unloaded unchanged (after a profile's first pass, to be read
+        again to prune) by :meth:`unload`."""
+        return BlockIO(self.load, release, self.capture, self.lean.forwards, self.unload)
+
+    def unload(self, b: int, block: nn.Module) -> None:
+        self.free(block)
 
     def finish_config(self):
         """The config an output of this model is written with."""
@@ -379,10 +383,12 @@ def compress_checkpoint(
     writer: CheckpointWriter,
     run_dtype: torch.dtype,
     version: str = "",
+    langs=None,
 ) -> StreamResult:
     """Compress the checkpoint in ``path`` into ``writer`` (weights, config, masks; no
     tokenizer or manifest), one decoder block in memory at a time. Blocks run in ``run_dtype``
-    on ``cfg.device`` and are written as they are released."""
+    on ``cfg.device`` and are written as they are released. ``langs``: the language of each
+    calibration window (per-language statistics of a sparsity profile)."""
     sm = StreamedModel(path, cfg.device, run_dtype)
     report = EngineReport()
 
@@ -397,7 +403,7 @@ def compress_checkpoint(
     try:
         for name, t in sm.outside():  # first, in the output dtype
             writer.add(name, t)
-        compress_blocks(sm.model, input_ids, cfg, sm.io(release), report)
+        compress_blocks(sm.model, input_ids, cfg, sm.io(release), report, langs)
         fmt = writer.finish(sm.finish_config(), sm.generation_config(), version)
     except BaseException:
         writer.abort()

@@ -17,6 +17,7 @@ The config and its checks: ``matrixconfig.py``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from polyprune.eval.matrixconfig import (  # re-exported: the matrix's public na
     ExecutorSettings,
     MatrixConfig,
     load_config,
+    profile_applies,
 )
 from polyprune.eval.store import ResultRow, ResultStore, UnitScores
 
@@ -85,12 +87,17 @@ class Cell:
     mix: str | None
     seed: int | None
     cfg: MatrixConfig
+    profile: str = "uniform"  # layer-wise sparsity of a pruning cell
 
     @property
     def level(self) -> str:
+        """``0.5``, ``4bit``; a profile other than uniform is part of it (``0.7-owl``): the
+        store's key columns and the tables stay as they were."""
         if self.method == "dense":
             return "dense"
-        return f"{self.bits}bit" if self.bits is not None else f"{self.sparsity:g}"
+        if self.bits is not None:
+            return f"{self.bits}bit"
+        return f"{self.sparsity:g}" + ("" if self.profile == "uniform" else f"-{self.profile}")
 
     @property
     def label(self) -> str:
@@ -109,6 +116,9 @@ class Cell:
         c |= {"dtype": self.cfg.dtype}
         if self.method in PRUNE_METHODS:
             c |= {"sparsity": self.sparsity, "pattern": self.cfg.pattern}
+            if self.profile != "uniform":  # absent for uniform: earlier cells keep their ids
+                c |= {"profile": self.profile, "owl_m": self.cfg.owl_m,
+                      "owl_lambda": self.cfg.owl_lambda}  # fmt: skip
         else:
             c |= {"bits": self.bits, "group_size": self.cfg.group_size}
         if self.mix is not None:
@@ -157,13 +167,16 @@ def expand(cfg: MatrixConfig) -> list[Cell]:
                 if method in PRUNE_METHODS
                 else [(None, b) for b in cfg.bits]
             )
-            for sparsity, bits in levels:
+            # quantisers have no profile dimension (the config check refuses a pruning
+            # method that none of the profiles applies to)
+            profiles = [p for p in cfg.profiles if profile_applies(p, method)] or ["uniform"]
+            for (sparsity, bits), profile in itertools.product(levels, profiles):
                 if method in DATA_FREE:
-                    cells.append(Cell(model, method, sparsity, bits, None, None, cfg))
+                    cells.append(Cell(model, method, sparsity, bits, None, None, cfg, profile))
                     continue
                 for mix in cfg.mixes:
                     for seed in cfg.seeds:
-                        cells.append(Cell(model, method, sparsity, bits, mix, seed, cfg))
+                        cells.append(Cell(model, method, sparsity, bits, mix, seed, cfg, profile))
     return cells
 
 
@@ -194,6 +207,9 @@ def _manifest_matches(out: Path, cell: Cell) -> bool:
     if cell.method in PRUNE_METHODS:
         s = m.settings
         ok &= s.get("sparsity") == cell.sparsity and s.get("pattern") == cc["pattern"]
+        ok &= s.get("sparsity_profile", "uniform") == cell.profile
+        ok &= cell.profile == "uniform" or (s.get("owl_m"), s.get("owl_lambda")) == (
+            cc["owl_m"], cc["owl_lambda"])  # fmt: skip
     else:
         q = m.quantization
         ok &= q is not None and q.bits == cell.bits and q.group_size == cc["group_size"]
@@ -232,8 +248,11 @@ def _compressed_model(cell: Cell, progress: bool):
     if cell.method in PRUNE_METHODS:
         # kept outputs carry their masks (bit-packed, 1/16 of bf16 weights) so that
         # `polyprune analyze` can compare them (IoU) without pruning again
+        from polyprune.compress.profiles import OwlParams
+
         model, _ = prune(cell.model, cell.method, sparsity=cell.sparsity, pattern=cfg.pattern,
-                         save_masks=out is not None, **kw)  # fmt: skip
+                         save_masks=out is not None, sparsity_profile=cell.profile,
+                         owl=OwlParams(cfg.owl_m, cfg.owl_lambda), **kw)  # fmt: skip
     else:
         model, _ = quantize(cell.model, cell.method, bits=cell.bits,
                             group_size=cfg.group_size, **kw)  # fmt: skip

@@ -12,6 +12,9 @@ Config (paths relative to the current directory)::
     bits: [4]                        # quantisation methods
     group_size: 128
     pattern: unstructured
+    profiles: [uniform, owl]         # layer-wise sparsity (pruning methods it applies to)
+    owl_m: 5                         # OWL's hyperparameters (docs/sparsity_profiles.md)
+    owl_lambda: 0.08
     mixes: [de, en, "de,en"]
     seeds: [0, 42, 1234]
     dense_baseline: true
@@ -35,6 +38,7 @@ Config (paths relative to the current directory)::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field, fields
@@ -57,6 +61,7 @@ __all__ = [
     "ExecutorSettings",
     "MatrixConfig",
     "load_config",
+    "profile_applies",
 ]
 
 logger = logging.getLogger(__name__)
@@ -136,6 +141,9 @@ class MatrixConfig:
     bits: tuple[int, ...] = (4,)
     group_size: int = 128
     pattern: str = "unstructured"
+    profiles: tuple[str, ...] = ("uniform",)
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
     dense_baseline: bool = True
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -176,7 +184,7 @@ class MatrixConfig:
         if raw.get("analyses") in ([], None):
             raw.pop("analyses", None)
         pairs = (("mixes", str), ("seeds", int), ("sparsities", float), ("bits", int),
-                 ("analyses", str))  # fmt: skip
+                 ("analyses", str), ("profiles", str))  # fmt: skip
         for key, kind in pairs:
             if key in raw:
                 kind = (int, float) if kind is float else kind
@@ -184,6 +192,25 @@ class MatrixConfig:
         cfg = cls(**raw, calibration=cal, eval=EvalSettings(**ev, ppl=ppl), executor=ex)
         cfg.check()
         return cfg
+
+    def _check_profiles(self, pattern) -> None:
+        """Every profile known, each applying to some pruning method, and possible at every
+        sparsity of the methods it applies to (the same checks as the CLI's)."""
+        from polyprune.compress.profiles import OwlParams, check_profile
+
+        try:
+            owl = OwlParams(self.owl_m, self.owl_lambda)
+            for profile in self.profiles:
+                users = [m for m in self.methods if profile_applies(profile, m)]
+                if not users:
+                    raise InputError(f"profile {profile} applies to none of the methods")
+                for method, s in itertools.product(users, self.sparsities):
+                    check_profile(profile, method, s, pattern.structured, owl)
+        except InputError as e:
+            raise InputError(f"config: {e}") from None
+        for m in self.methods:
+            if m in PRUNE_METHODS and not any(profile_applies(p, m) for p in self.profiles):
+                raise InputError(f"config: none of the profiles applies to {m}")
 
     def check(self) -> None:
         """Everything that can be checked without loading weights or running anything."""
@@ -212,6 +239,7 @@ class MatrixConfig:
                 raise InputError(f"config: sparsity {s} does not match pattern {pattern}")
         for b in self.bits:
             QuantConfig(b, self.group_size)
+        self._check_profiles(pattern)
         cal = self.calibration
         for seed in self.seeds:
             try:  # the same rules as the CLI's and the API's
@@ -240,6 +268,14 @@ class MatrixConfig:
         if self.device.startswith("cuda") and self.executor.num_gpus == 0:
             logger.debug("device %s with executor.num_gpus 0 (fine for the local executor)",
                          self.device)  # fmt: skip
+
+
+def profile_applies(profile: str, method: str) -> bool:
+    """Whether ``profile`` (a registered sparsity profile) applies to ``method``."""
+    from polyprune.compress.profiles import get_profile
+
+    methods = get_profile(profile).methods
+    return method in PRUNE_METHODS and (methods is None or method in methods)
 
 
 def _check_store(workdir: str, store: str) -> None:

@@ -43,7 +43,7 @@ from polyprune.compress.masks import Pattern
 from polyprune.compress.methods import get_method
 from polyprune.compress.solver import PruneConfig
 from polyprune.compress.stream import StreamedModel, local_checkpoint, parse_size
-from polyprune.compress.sweep import Pool, SweepEntry, sweep_blocks
+from polyprune.compress.sweep import Pool, SweepEntry, SweepReport, sweep_blocks
 from polyprune.data.mix import CalibrationMix, CalibrationSet, build_calibration_set
 from polyprune.data.sources import get_source
 from polyprune.errors import InputError
@@ -257,19 +257,12 @@ def sweep(
     predicted damage only. ``langs``: more languages to predict the damage on;
     ``damage_langs``: only these (default: every language of a mix or of ``langs``)."""
     t0 = time.perf_counter()
-    all_mixes = list(mixes) + list(predict_only)
-    prune_cfg = _check(method, sparsity, pattern, nsamples, seqlen, seed, sampling, source,
-                       all_mixes, pooling)  # fmt: skip
-    if predict_only and not predict:
-        raise InputError("predict-only mixes (--grid) need --predict")
-    writes = [write] * len(mixes) + [False] * len(predict_only)
-    if out is None and any(writes):
-        raise InputError("a sweep that writes models needs an output folder (--out)")
-    cfg = EngineConfig(method, prune_cfg, device, batch_size, keep_masks=save_masks,
-                       progress=progress, offload=offload, offload_dir=offload_dir,
-                       propagate="dense")  # fmt: skip
+    cfg, pools, plans = _settings(method, mixes, predict_only, predict, write, pooling, langs,
+                                  sparsity, pattern, nsamples, seqlen, seed, sampling, source,
+                                  device, batch_size, save_masks, progress, offload, offload_dir,
+                                  out)  # fmt: skip
+    prune_cfg = cfg.prune
     max_shard = parse_size(max_shard_size)
-    pools, plans = plan_sweep(all_mixes, nsamples, pooling, writes, langs)
     if out is not None:
         check_output_dir(out, overwrite)
         check_writable(os.path.dirname(os.path.abspath(out)))
@@ -289,43 +282,14 @@ def sweep(
     run_dtype = resolve_dtype(dtype, device, src_dtype)
     if run_dtype == "auto":
         run_dtype = src_dtype or torch.float32
-    entries = [SweepEntry(p.name, p.shares, p.write) for p in plans]
     result = SweepResult([p.name for p in plans], [p.name for p in plans if p.write],
                          pools=[p.key for p in pools],
                          out=None if out is None else str(out))  # fmt: skip
     staged = staged_output(out, overwrite) if out is not None else contextlib.nullcontext()
     with staged as tmp:
-        sm = StreamedModel(path, device, run_dtype)
-        for p in plans:
-            if p.write:
-                (Path(tmp) / p.name).mkdir()
-        writers = {
-            p.name: CheckpointWriter(
-                Path(tmp) / p.name,
-                "dense",
-                output_dtype("dense", None, src_dtype, run_dtype),
-                None,
-                max_shard,
-                save_masks,
-            )  # fmt: skip
-            for p in plans
-            if p.write
-        }
-        try:
-            for name, tensor in sm.outside():
-                for w in writers.values():
-                    w.add(name, tensor)
-            rep = sweep_blocks(sm.model, input_ids, pools, entries, cfg,
-                               sm.io(lambda b, block: sm.free(block)),
-                               {n: _sink(sm.prefix, w) for n, w in writers.items()},
-                               predict,
-                               None if damage_langs is None else tuple(damage_langs))  # fmt: skip
-            for w in writers.values():
-                w.finish(sm.finish_config(), sm.generation_config(), _version())
-        except BaseException:
-            for w in writers.values():
-                w.abort()
-            raise
+        out_dtype = output_dtype("dense", None, src_dtype, run_dtype)
+        rep = _stream(path, plans, pools, input_ids, cfg, tmp, out_dtype, run_dtype, max_shard,
+                      predict, damage_langs)  # fmt: skip
         timings.update({f"engine_{k}": v for k, v in rep.seconds.items()})
         if predict:
             result.predicted = {n: combine(rep.damage[n]) for n in result.entries}
@@ -340,6 +304,54 @@ def sweep(
             _write_tables(Path(tmp), result, plans, str(model), method, prune_cfg, pooling,
                           nsamples)  # fmt: skip
     return result
+
+
+def _settings(method, mixes, predict_only, predict, write, pooling, langs, sparsity, pattern,
+              nsamples, seqlen, seed, sampling, source, device, batch_size, save_masks,
+              progress, offload, offload_dir, out):  # fmt: skip
+    """The engine config and the plan, every setting checked (no model, no text yet)."""
+    all_mixes = list(mixes) + list(predict_only)
+    prune_cfg = _check(method, sparsity, pattern, nsamples, seqlen, seed, sampling, source,
+                       all_mixes, pooling)  # fmt: skip
+    if predict_only and not predict:
+        raise InputError("predict-only mixes (--grid) need --predict")
+    writes = [write] * len(mixes) + [False] * len(predict_only)
+    if out is None and any(writes):
+        raise InputError("a sweep that writes models needs an output folder (--out)")
+    cfg = EngineConfig(method, prune_cfg, device, batch_size, keep_masks=save_masks,
+                       progress=progress, offload=offload, offload_dir=offload_dir,
+                       propagate="dense")  # fmt: skip
+    pools, plans = plan_sweep(all_mixes, nsamples, pooling, writes, langs)
+    return cfg, pools, plans
+
+
+def _stream(path, plans, pools, input_ids, cfg: EngineConfig, tmp: Path | None, out_dtype,
+            run_dtype, max_shard: int, predict: bool, damage_langs) -> SweepReport:  # fmt: skip
+    """Stream the checkpoint once through the sweep's block loop, one writer per written mix
+    in ``tmp/<mix>/`` (all aborted if anything fails)."""
+    sm = StreamedModel(path, cfg.device, run_dtype)
+    writers = {}
+    for p in plans:
+        if p.write:
+            (Path(tmp) / p.name).mkdir()
+            writers[p.name] = CheckpointWriter(Path(tmp) / p.name, "dense", out_dtype, None,
+                                               max_shard, cfg.keep_masks)  # fmt: skip
+    entries = [SweepEntry(p.name, p.shares, p.write) for p in plans]
+    try:
+        for name, tensor in sm.outside():
+            for w in writers.values():
+                w.add(name, tensor)
+        rep = sweep_blocks(sm.model, input_ids, pools, entries, cfg,
+                           sm.io(lambda b, block: sm.free(block)),
+                           {n: _sink(sm.prefix, w) for n, w in writers.items()}, predict,
+                           None if damage_langs is None else tuple(damage_langs))  # fmt: skip
+        for w in writers.values():
+            w.finish(sm.finish_config(), sm.generation_config(), _version())
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    return rep
 
 
 def _version() -> str:
