@@ -31,5 +31,5 @@ def wanda_prune(W: torch.Tensor, colsq: torch.Tensor, cfg: PruneConfig) -> Solve
         mask = wanda_mask(W, colsq, k=k, n=cfg.pattern.n, m=cfg.pattern.m)
     else:
         mask = select_mask(score, cfg)
-    loss = float(score.pow(2)[mask].sum())
+    loss = float(torch.where(mask, score, 0).square().sum())  # no gather of the pruned
     return SolverResult(W.masked_fill(mask, 0), mask, loss)

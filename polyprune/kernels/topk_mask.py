@@ -21,11 +21,17 @@ def smallest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     if k >= score.shape[-1]:
         return torch.ones_like(score, dtype=torch.bool)
     kth = torch.kthvalue(score, k, dim=-1, keepdim=True).values
-    below = score < kth
-    tied = score == kth
-    # Of the entries equal to the k-th value, keep the lowest-index ones still needed.
-    need = k - below.sum(-1, keepdim=True)
-    return below | (tied & (tied.cumsum(-1) <= need))
+    mask = score <= kth
+    # Of the entries equal to the k-th value, keep the lowest-index ones still needed. Rows
+    # with more ties than needed are rare (real scores seldom repeat): only those are cut, so
+    # the common case costs no cumulative sum over the whole score.
+    over = mask.sum(-1, keepdim=True) > k
+    if bool(over.any()):
+        tied = score == kth
+        need = k - (mask & ~tied).sum(-1, keepdim=True)
+        cut = tied & (tied.cumsum(-1) > need) & over
+        mask &= ~cut
+    return mask
 
 
 def row_topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
