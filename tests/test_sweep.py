@@ -200,3 +200,24 @@ def test_optimise_recommends_a_mix_no_worse_than_single_and_uniform(tiny_model_d
         assert all(math.isfinite(v) and v > 1 for v in c.measured.values())
     assert (tmp_path / "opt" / "optimise.md").is_file()
     assert (tmp_path / "opt" / "models" / "sweep.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--langs", "de", "--target", "de"], "at least two candidate languages"),
+        (["--langs", "de,en", "--target", "de", "--objective", "best"], "unknown objective"),
+        (["--langs", "de,en", "--target", "de", "--objective", "weighted:sw=1"], "sw"),
+        (["--langs", "de,xx", "--target", "de"], "xx"),
+    ],
+)
+def test_bad_optimise_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, extra,
+                                                   message):  # fmt: skip
+    model = tiny_model_dir("llama")
+    capsys.readouterr()  # the fixture's own output
+    rc = cli("mix", "optimise", "--model", model, "--method", "wanda",
+             "--seqlen", "32", "--out", tmp_path / "o", *extra)  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
