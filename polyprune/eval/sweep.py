@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from polyprune.compress.damage import combine
 from polyprune.compress.engine import EngineConfig
 from polyprune.compress.export import CheckpointWriter, output_dtype
 from polyprune.compress.langstats import mix_shares
+from polyprune.compress.manifest import MANIFEST
 from polyprune.compress.masks import Pattern
 from polyprune.compress.methods import get_method
 from polyprune.compress.solver import PruneConfig
@@ -296,11 +298,17 @@ def sweep(
         timings["total"] = time.perf_counter() - t0
         result.seconds = timings
         if tmp is not None:
+            shared = None
             for plan in plans:
                 if plan.write:
-                    _write_entry(Path(tmp) / plan.name, plan, cfg, prune_cfg, path, run_dtype,
-                                 windows, rep.reports[plan.name], command, timings, tokenizer,
-                                 pooling, nsamples, len(plans))  # fmt: skip
+                    where = Path(tmp) / plan.name
+                    before = set(where.iterdir())
+                    _write_entry(where, plan, cfg, prune_cfg, path, run_dtype, windows,
+                                 rep.reports[plan.name], command, timings, tokenizer, pooling,
+                                 nsamples, len(plans), shared)  # fmt: skip
+                    if shared is None:  # what the tokenizer wrote (the manifest aside)
+                        shared = sorted(f for f in set(where.iterdir()) - before
+                                        if f.name != MANIFEST)  # fmt: skip
             _write_tables(Path(tmp), result, plans, str(model), method, prune_cfg, pooling,
                           nsamples)  # fmt: skip
     return result
@@ -371,7 +379,8 @@ def _sink(prefix: str, writer: CheckpointWriter):
 
 
 def _write_entry(directory, plan, cfg, prune_cfg, path, run_dtype, windows, report, command,
-                 timings, tokenizer, pooling, nsamples, n_entries) -> None:  # fmt: skip
+                 timings, tokenizer, pooling, nsamples, n_entries,
+                 tokenizer_from: list[Path] | None = None) -> None:  # fmt: skip
     calib = _entry_calibration(plan, windows, pooling, nsamples)
 
     class _Calib:  # build_manifest reads the record through .manifest()
@@ -388,7 +397,17 @@ def _write_entry(directory, plan, cfg, prune_cfg, path, run_dtype, windows, repo
         if pooling == "exact"
         else None,
     }
-    write_run_files(directory, tokenizer, manifest)
+    if tokenizer_from is None:
+        write_run_files(directory, tokenizer, manifest)
+        return
+    # The same tokenizer files in every entry (Gemma's tokenizer.json is 33 MB): hard links to
+    # the first entry's, copies where the filesystem has none.
+    for f in tokenizer_from:
+        try:
+            os.link(f, directory / f.name)
+        except OSError:
+            shutil.copy2(f, directory / f.name)
+    write_run_files(directory, None, manifest)
 
 
 def _write_tables(tmp: Path, result: SweepResult, plans, model, method, prune_cfg, pooling,
