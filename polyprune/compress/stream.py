@@ -273,6 +273,11 @@ def _set_tensor(module: nn.Module, name: str, t: torch.Tensor) -> None:
         mod._buffers[leaf] = t
 
 
+def _is_param(module: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return leaf in module.get_submodule(owner)._parameters
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.is_floating_point() else t
 
@@ -333,14 +338,17 @@ class StreamedModel:
     def capture(self) -> Iterator[None]:
         """Modules outside the blocks are read from the checkpoint when the forward first calls
         them (embeddings, positional tables) and set back to meta afterwards; lm_head and the
-        final norm, after block 0, are never read."""
+        final norm, after block 0, are never read. Only what was read goes back to meta: a
+        non-persistent buffer computed at construction (Gemma 3's ``embed_scale``) is in no
+        checkpoint, and a second capture (a sparsity profile's first pass) needs it."""
         inside = {id(m) for m in self.blocks.modules()}
         hooks, loaded = [], []
 
         def on_call(mod, args, name):
-            if any(t.is_meta for t in mod.state_dict(keep_vars=True).values()):
+            read = [k for k, t in mod.state_dict(keep_vars=True).items() if t.is_meta]
+            if read:
                 self.read_into(mod, f"{name}." if name else "")
-                loaded.append(mod)
+                loaded.append((mod, read))
 
         for name, mod in self.model.named_modules():
             if id(mod) in inside:
@@ -354,8 +362,10 @@ class StreamedModel:
         finally:
             for h in hooks:
                 h.remove()
-            for mod in loaded:
-                mod.to("meta")
+            for mod, read in loaded:
+                for key in read:
+                    t = mod.get_parameter(key) if _is_param(mod, key) else mod.get_buffer(key)
+                    _set_tensor(mod, key, t.detach().to("meta"))
 
     def io(self, release: Callable[[int, nn.Module], None]) -> BlockIO:
         """The engine's :class:`BlockIO` with this ``release`` (which should end in
