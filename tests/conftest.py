@@ -108,6 +108,11 @@ def tiny_model(
             **common,
         )
         return OPTForCausalLM(cfg)
+    if family == "gemma3":  # sliding-window layers, a non-persistent embed_scale buffer
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        cfg = Gemma3TextConfig(**decoder, head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
+        return Gemma3ForCausalLM(cfg)
     if family == "gpt2":
         cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=128, **common)
         return GPT2LMHeadModel(cfg)
