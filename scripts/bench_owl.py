@@ -18,29 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from benchlib import perplexities, run
+
 HERE = Path(__file__).resolve().parent
 PROFILES = ("uniform", "owl")
-
-
-def run(cmd: list[str], log: Path) -> None:
-    with open(log, "w") as out:
-        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT)
-    if rc != 0:
-        tail = " | ".join(log.read_text().strip().splitlines()[-3:])
-        raise SystemExit(f"{' '.join(cmd[:8])} ... failed ({rc}; log {log}): {tail}")
-
-
-def perplexities(model_dir: str, args, log: Path) -> dict[str, float]:
-    result = log.with_suffix(".json")
-    run([sys.executable, str(HERE / "bench_real.py"), "--worker", "ppl", "--model-dir",
-         model_dir, "--langs", ",".join(args.langs), "--ppl-tokens", str(args.ppl_tokens),
-         "--result", str(result)], log)  # fmt: skip
-    return json.loads(result.read_text())["ppl"]
 
 
 def prune(method: str, sparsity: float, calib: str, profile: str, args, out: Path) -> dict:

@@ -18,32 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from benchlib import perplexities, run
 
 HERE = Path(__file__).resolve().parent
 PROPAGATIONS = ("compressed", "dense")
-
-
-def run(cmd: list[str], log: Path) -> float:
-    t0 = time.perf_counter()
-    with open(log, "w") as out:
-        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT)
-    if rc != 0:
-        tail = " | ".join(log.read_text().strip().splitlines()[-3:])
-        raise SystemExit(f"{' '.join(cmd[:8])} ... failed ({rc}; log {log}): {tail}")
-    return time.perf_counter() - t0
-
-
-def perplexities(model_dir: str, args, log: Path) -> dict[str, float]:
-    result = log.with_suffix(".json")
-    run([sys.executable, str(HERE / "bench_real.py"), "--worker", "ppl", "--model-dir",
-         model_dir, "--langs", ",".join(args.langs), "--ppl-tokens", str(args.ppl_tokens),
-         "--result", str(result)], log)  # fmt: skip
-    return json.loads(result.read_text())["ppl"]
 
 
 def prune(method: str, propagate: str, args, out: Path) -> dict:

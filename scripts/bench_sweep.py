@@ -22,25 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import perplexities, run
 
 HERE = Path(__file__).resolve().parent
-
-
-def run(cmd: list[str], log: Path) -> float:
-    t0 = time.perf_counter()
-    with open(log, "w") as out:
-        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT)
-    if rc != 0:
-        tail = " | ".join(log.read_text().strip().splitlines()[-3:])
-        raise SystemExit(f"{' '.join(cmd[:8])} ... failed ({rc}; log {log}): {tail}")
-    return time.perf_counter() - t0
 
 
 def cli(*args: str) -> list[str]:
@@ -54,14 +43,6 @@ def mixes(langs: list[str]) -> list[str]:
 
 def dirname(mix: str) -> str:
     return mix.replace(",", "+")
-
-
-def perplexities(model_dir: str, args, log: Path) -> dict[str, float]:
-    result = log.with_suffix(".json")
-    run([sys.executable, str(HERE / "bench_real.py"), "--worker", "ppl", "--model-dir",
-         model_dir, "--langs", ",".join(args.langs), "--ppl-tokens", str(args.ppl_tokens),
-         "--result", str(result)], log)  # fmt: skip
-    return json.loads(result.read_text())["ppl"]
 
 
 def spearman(a: list[float], b: list[float]) -> float:
