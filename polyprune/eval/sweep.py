@@ -329,7 +329,8 @@ def _settings(method, mixes, predict_only, predict, write, pooling, langs, spars
     cfg = EngineConfig(method, prune_cfg, device, batch_size, keep_masks=save_masks,
                        progress=progress, offload=offload, offload_dir=offload_dir,
                        propagate="dense")  # fmt: skip
-    pools, plans = plan_sweep(all_mixes, nsamples, pooling, writes, langs)
+    # languages no mix uses get a pool only to predict the damage on them
+    pools, plans = plan_sweep(all_mixes, nsamples, pooling, writes, langs if predict else ())
     return cfg, pools, plans
 
 
