@@ -91,6 +91,11 @@ def add_mix_commands(sub, common: argparse.ArgumentParser) -> None:
     o.add_argument("--verify", action="store_true",
                    help="prune with the recommended, best single and uniform mixes and measure "
                    "their held-out perplexity")  # fmt: skip
+    o.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="score predicted perplexity, fitted per target on pruned and measured "
+                   "anchors (each target alone, the uniform mix), instead of raw damage, which "
+                   "is not comparable across languages (default: with two or more targets)",
+                   )  # fmt: skip
     o.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens per language")
     o.add_argument("--ppl-seqlen", type=int, default=512, help="perplexity window")
 
@@ -157,7 +162,8 @@ def cmd_mix(args) -> int:
     from polyprune.eval.mixsearch import optimise
 
     report = optimise(args.model, args.method, _split(args.langs), _split(args.target),
-                      args.objective, verify=args.verify, ppl_tokens=args.ppl_tokens,
+                      args.objective, verify=args.verify, calibrate=args.calibrate,
+                      ppl_tokens=args.ppl_tokens,
                       ppl_seqlen=args.ppl_seqlen, out=args.out, overwrite=args.overwrite,
                       **_sweep_kw(args))  # fmt: skip
     print(report.markdown(), end="")

@@ -4,7 +4,7 @@
 
     python scripts/bench_sweep.py [--model gemma-3-270m] [--method wanda] [--nsamples 16]
         [--seqlen 256] [--langs ar,de,en,es,ru,sw,zh] [--ppl-tokens 4096] [--runs all|K]
-        [--skip-ppl] [--out-dir DIR] [--json PATH]
+        [--skip-ppl | --quality-only] [--out-dir DIR] [--json PATH]
 
 1. ``polyprune sweep`` of the 29 mixes of the issue (the 7 single languages, the 21 equal
    pairs, the uniform mix), exact pools, every mix written: whole-command time.
@@ -70,6 +70,8 @@ def common(args) -> list[str]:
 def bench(args, root: Path) -> dict:
     all_mixes = mixes(args.langs)
     data: dict = {"settings": {k: v for k, v in vars(args).items() if k not in ("json",)}}
+    if args.quality_only:  # with exact pools an entry does not depend on the other mixes
+        all_mixes = [*args.langs, ",".join(args.langs)]
     # 1. the sweep
     sweep_out = root / "sweep"
     wall = run(cli("sweep", "-q", *common(args), "--mixes", ";".join(all_mixes),
@@ -77,6 +79,8 @@ def bench(args, root: Path) -> dict:
     info = json.loads((sweep_out / "sweep.json").read_text())
     data["sweep"] = {"command_s": wall, "seconds": info["seconds"], "pools": info["pools"]}
     print(f"sweep of {len(all_mixes)} mixes: {wall:.1f} s", flush=True)
+    if args.quality_only:
+        return _quality(args, root, sweep_out, data)
     # 2. the separate runs
     k = len(all_mixes) if args.runs == "all" else int(args.runs)
     runs = []
@@ -101,6 +105,10 @@ def bench(args, root: Path) -> dict:
           f"{data['engine_ratio']:.3f} (engine)", flush=True)  # fmt: skip
     if args.skip_ppl:
         return data
+    return _quality(args, root, sweep_out, data)
+
+
+def _quality(args, root: Path, sweep_out: Path, data: dict) -> dict:
     # 3. perplexity of the 8 mixes' outputs and the dense model
     eight = [*args.langs, ",".join(args.langs)]
     ppl = {"dense": perplexities(_model_path(args.model), args, root / "dense-ppl.log")}
@@ -140,6 +148,8 @@ def main() -> int:
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--runs", default="all", help="all, or how many of the separate runs")
     ap.add_argument("--skip-ppl", action="store_true", help="timings only")
+    ap.add_argument("--quality-only", action="store_true",
+                    help="no timings: sweep the 8 mixes, then perplexity and Spearman")  # fmt: skip
     ap.add_argument("--out-dir", help="work here (default: a temporary directory)")
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()

@@ -4,6 +4,7 @@ statistics of weighted entries against concatenated windows, predicted damage, b
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,7 +16,7 @@ from polyprune.cli import main
 from polyprune.compress.capture import batch_slices
 from polyprune.compress.damage import statistic_matrix
 from polyprune.data.mix import CalibrationMix
-from polyprune.eval.mixsearch import optimise, to_mix
+from polyprune.eval.mixsearch import fit_calibration, optimise, to_mix
 from polyprune.eval.sweep import grid_mixes, mix_dirname, parse_mixes, plan_sweep, sweep
 
 SMALL = {"nsamples": 6, "seqlen": 32, "batch_size": 4, "progress": False}
@@ -183,23 +184,99 @@ def test_sweep_refuses_a_data_free_method(tiny_model_dir, tmp_path, capsys):
     assert rc == 2 and "magnitude" in capsys.readouterr().err
 
 
-def test_optimise_recommends_a_mix_no_worse_than_single_and_uniform(tiny_model_dir, tmp_path):
-    """On predicted damage the recommended mix is the best evaluated one, so never worse than
-    the best single language or the uniform mix; --verify measures all three."""
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_optimise_recommends_a_mix_no_worse_than_single_and_uniform(tiny_model_dir, tmp_path,
+                                                                    calibrate):  # fmt: skip
+    """On the predicted objective the recommended mix is the best evaluated one, so never worse
+    than the best single language or the uniform mix; --verify measures all three. Calibrated,
+    the objective is predicted log perplexity from a fit on measured anchors."""
     model = tiny_model_dir("llama")
     rep = optimise(model, "sparsegpt", ["de", "en", "sw"], ["de", "sw"], "worst", verify=True,
-                   ppl_tokens=256, ppl_seqlen=32, out=tmp_path / "opt", **SMALL)  # fmt: skip
+                   calibrate=calibrate, ppl_tokens=256, ppl_seqlen=32, out=tmp_path / "opt",
+                   **SMALL)  # fmt: skip
     roles = {c.role: c for c in rep.candidates}
     assert set(roles) == {"recommended", "best single", "uniform"}
     rec = roles["recommended"]
     assert rec.score <= roles["best single"].score + 1e-12
     assert rec.score <= roles["uniform"].score + 1e-12
-    assert rec.score == pytest.approx(max(rec.predicted[t] for t in ("de", "sw")))
     for c in rep.candidates:
         assert set(c.measured) == {"de", "en", "sw"}
         assert all(math.isfinite(v) and v > 1 for v in c.measured.values())
-    assert (tmp_path / "opt" / "optimise.md").is_file()
-    assert (tmp_path / "opt" / "models" / "sweep.json").is_file()
+    assert set(rep.dense) == {"de", "en", "sw"}
+    out = tmp_path / "opt"
+    assert (out / "optimise.md").is_file() and (out / "optimise.json").is_file()
+    if not calibrate:
+        assert rep.calibration is None
+        assert rec.score == pytest.approx(max(rec.predicted[t] for t in ("de", "sw")))
+        assert (out / "models" / "sweep.json").is_file()
+        return
+    cal = rep.calibration
+    # anchors: each target alone and the uniform mix, pruned and measured on the targets
+    assert [a["mix"] for a in cal.anchors] == ["de", "sw", "de,en,sw"]
+    assert (out / "anchors" / "sweep.json").is_file()
+    assert cal.dense == {t: rep.dense[t] for t in ("de", "sw")}
+    for a in cal.anchors:  # an anchor that is a candidate is measured once, as the same model
+        for c in rep.candidates:
+            if c.mix == a["mix"]:
+                assert c.measured["de"] == a["measured"]["de"]
+    for c in rep.candidates:
+        want = {t: math.log(cal.dense[t]) + cal.offset[t] + cal.slope[t] * c.predicted[t]
+                for t in ("de", "sw")}  # fmt: skip
+        assert c.score == pytest.approx(max(want.values()))
+        assert c.predicted_ppl == pytest.approx({t: math.exp(v) for t, v in want.items()})
+    assert "Calibration" in (out / "optimise.md").read_text()
+
+
+def test_optimise_predicts_every_target_for_a_mix_that_leaves_one_out(tiny_model_dir,
+                                                                       monkeypatch):  # fmt: skip
+    """The surrogate's optimum may leave a target language out of the mix (all of sw's budget
+    to en and sw); its one-mix sweep must still predict the damage on that target."""
+    import polyprune.eval.mixsearch as ms
+
+    real, asked = ms.optimise_with_surrogate, []
+
+    def spy(langs, damage, objective):
+        asked.append(damage({"de": 0.0, "en": 0.75, "sw": 0.25}))
+        return real(langs, damage, objective)
+
+    monkeypatch.setattr(ms, "optimise_with_surrogate", spy)
+    optimise(tiny_model_dir("llama"), "wanda", ["de", "en", "sw"], ["de", "sw"], "worst",
+             calibrate=False, **SMALL)  # fmt: skip
+    assert set(asked[0]) == {"de", "sw"} and all(v > 0 for v in asked[0].values())
+
+
+def test_calibration_fit_recovers_planted_lines():
+    """log(ppl / dense) = a + b * damage per language, least squares over the anchors; a
+    slope that is not positive falls back to the line through the origin, then to flat."""
+    dense = {"de": 20.0, "sw": 60.0, "zh": 50.0, "ar": 30.0, "es": 25.0}
+    line = {"de": (-2.0, 150.0), "sw": (-0.5, 80.0)}
+    dmg = [{"de": 0.018, "sw": 0.024, "zh": 0.02, "ar": 0.02, "es": 0.02},
+           {"de": 0.022, "sw": 0.019, "zh": 0.03, "ar": 0.02, "es": 0.03},
+           {"de": 0.020, "sw": 0.021, "zh": 0.025, "ar": 0.02, "es": 0.025}]  # fmt: skip
+    anchors = []
+    for i, d in enumerate(dmg):
+        ppl = {t: dense[t] * math.exp(a + b * d[t]) for t, (a, b) in line.items()}
+        ppl["zh"] = dense["zh"] * math.exp([0.9, 0.5, 0.7][i])  # falls as damage grows
+        ppl["ar"] = dense["ar"] * math.exp([0.9, 0.5, 0.7][i])  # damage constant
+        ppl["es"] = dense["es"] * math.exp([-0.1, -0.2, -0.15][i])  # better than dense
+        anchors.append((f"m{i}", d, ppl))
+    cal = fit_calibration(dense, anchors)
+    for t, (a, b) in line.items():
+        assert cal.fit[t] == "affine"
+        assert cal.offset[t] == pytest.approx(a, abs=1e-9)
+        assert cal.slope[t] == pytest.approx(b, rel=1e-9)
+        assert cal.rms[t] == pytest.approx(0.0, abs=1e-9)
+    x, y = np.array([0.02, 0.03, 0.025]), np.array([0.9, 0.5, 0.7])
+    assert cal.fit["zh"] == "through origin" and cal.offset["zh"] == 0.0
+    assert cal.slope["zh"] == pytest.approx(x @ y / (x @ x))
+    assert cal.fit["ar"] == "through origin"  # one damage for all anchors: no affine fit
+    assert cal.slope["ar"] == pytest.approx(0.7 / 0.02)
+    assert cal.fit["es"] == "flat" and cal.slope["es"] == 0.0
+    assert cal.offset["es"] == pytest.approx(-0.15)
+    # predicted perplexity of a new damage follows the fitted line
+    got = cal.ppl({"de": 0.021, "sw": 0.02, "zh": 0.02, "ar": 0.02, "es": 0.02})
+    assert got["de"] == pytest.approx(20.0 * math.exp(-2.0 + 150.0 * 0.021))
+    assert got["sw"] == pytest.approx(60.0 * math.exp(-0.5 + 80.0 * 0.02))
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -83,6 +83,9 @@ class Objective:
     kind: ObjectiveKind
     targets: tuple[str, ...]
     weights: tuple[float, ...] = ()  # one per target, for ``weighted``
+    # Per-target affine map from damage to what is scored (``calibrated``): empty = damage.
+    offsets: tuple[float, ...] = ()
+    slopes: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in OBJECTIVES:
@@ -93,9 +96,21 @@ class Objective:
             raise InputError("an objective needs at least one target language")
         if self.kind == "weighted" and len(self.weights) != len(self.targets):
             raise InputError("a weighted objective needs one weight per target language")
+        calibrated = len(self.offsets), len(self.slopes)
+        if calibrated != (0, 0) and calibrated != (len(self.targets),) * 2:
+            raise ValueError("a calibrated objective needs one offset and slope per target")
+
+    def calibrated(self, offsets: Mapping[str, float], slopes: Mapping[str, float]) -> Objective:
+        """The objective over ``offsets[t] + slopes[t] * damage[t]`` instead of the damage: with
+        the fits of :func:`polyprune.eval.mixsearch.fit_calibration`, predicted log perplexity,
+        which unlike damage is comparable across languages."""
+        return replace(self, offsets=tuple(float(offsets[t]) for t in self.targets),
+                       slopes=tuple(float(slopes[t]) for t in self.targets))  # fmt: skip
 
     def score_array(self, D: np.ndarray) -> np.ndarray:
         """Scores of damages ``D`` (m, targets) in ``targets`` order: (m,)."""
+        if self.slopes:
+            D = np.asarray(self.offsets) + np.asarray(self.slopes) * D
         if self.kind == "worst":
             return D.max(axis=1)
         if self.kind == "mean":
