@@ -4,10 +4,11 @@
     python scripts/bench_owl.py [--model gemma-3-270m] [--methods wanda,sparsegpt]
         [--sparsities 0.6,0.7] [--calibs "en;ar,de,en,es,ru,sw,zh"] [--nsamples 16]
         [--seqlen 256] [--langs ar,de,en,es,ru,sw,zh] [--ppl-tokens 4096] [--out-dir DIR]
-        [--json PATH]
+        [--profiles uniform,owl] [--owl-m 5] [--owl-lambda 0.08] [--json PATH]
 
 Every (method, sparsity, calibration) is pruned twice with ``polyprune prune`` at its defaults,
-``--sparsity-profile uniform`` and ``owl`` (M = 5, lambda = 0.08), and every output's held-out
+``--sparsity-profile uniform`` and ``owl`` (M = 5, lambda = 0.08; ``--profiles``, ``--owl-m``,
+``--owl-lambda`` change that), and every output's held-out
 perplexity is measured in every language (bench_real.py's evaluator: float32, 512-token
 windows). Printed: the perplexity table, the mean over languages, and per OWL run its
 per-block sparsities and outlier ratios (all windows and per language) from the manifest.
@@ -33,6 +34,8 @@ def prune(method: str, sparsity: float, calib: str, profile: str, args, out: Pat
            "--method", method, "--sparsity", str(sparsity), "--calib", calib,
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0",
            "--sparsity-profile", profile, "--out", str(out), "--overwrite"]  # fmt: skip
+    if profile == "owl":
+        cmd += ["--owl-m", str(args.owl_m), "--owl-lambda", str(args.owl_lambda)]
     run(cmd, out.with_name(out.name + ".log"))
     m = json.loads((out / "polyprune.json").read_text())
     return {"achieved": m["achieved_sparsity"], "profile": m.get("profile"),
@@ -49,6 +52,9 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--langs", default="ar,de,en,es,ru,sw,zh")
     ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--profiles", default=",".join(PROFILES), help="uniform,owl or one of them")
+    ap.add_argument("--owl-m", type=float, default=5.0, help="OWL's outlier threshold M")
+    ap.add_argument("--owl-lambda", type=float, default=0.08, help="OWL's bound lambda")
     ap.add_argument("--out-dir")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -60,7 +66,7 @@ def main() -> int:
         for method in args.methods.split(","):
             for sparsity in [float(s) for s in args.sparsities.split(",")]:
                 for calib in args.calibs.split(";"):
-                    for profile in PROFILES:
+                    for profile in args.profiles.split(","):
                         out = root / "model"
                         r = prune(method, sparsity, calib, profile, args, out)
                         r["ppl"] = perplexities(str(out), args, root / "ppl.log")
