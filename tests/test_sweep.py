@@ -215,10 +215,12 @@ def test_optimise_recommends_a_mix_no_worse_than_single_and_uniform(tiny_model_d
     assert [a["mix"] for a in cal.anchors] == ["de", "sw", "de,en,sw"]
     assert (out / "anchors" / "sweep.json").is_file()
     assert cal.dense == {t: rep.dense[t] for t in ("de", "sw")}
-    for a in cal.anchors:  # an anchor that is a candidate is measured once, as the same model
-        for c in rep.candidates:
-            if c.mix == a["mix"]:
-                assert c.measured["de"] == a["measured"]["de"]
+    anchored = {a["mix"]: a for a in cal.anchors}
+    for c in rep.candidates:  # --verify reuses an anchor's model: not pruned a second time
+        if c.mix in anchored:
+            assert c.measured["de"] == anchored[c.mix]["measured"]["de"]
+            assert not (out / "models" / mix_dirname(CalibrationMix.parse(c.mix))).exists()
+    assert any(c.mix in anchored for c in rep.candidates)  # the uniform mix at least
     for c in rep.candidates:
         want = {t: math.log(cal.dense[t]) + cal.offset[t] + cal.slope[t] * c.predicted[t]
                 for t in ("de", "sw")}  # fmt: skip

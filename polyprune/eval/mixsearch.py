@@ -69,7 +69,7 @@ class Calibration:
     offset: dict[str, float]
     slope: dict[str, float]
     rms: dict[str, float]  # root-mean-square residual of log perplexity over the anchors
-    fit: dict[str, str]  # "affine" | "through origin" (the affine slope was not > 0)
+    fit: dict[str, str]  # "affine" | "through origin" | "flat" (fit_calibration says when)
     anchors: list[dict]  # {"mix", "damage": {t: d}, "measured": {t: ppl}}
 
     def log_ppl(self, damage: dict[str, float]) -> dict[str, float]:
@@ -212,7 +212,12 @@ def optimise(
         check_writable(os.path.dirname(os.path.abspath(out)))
     if verify and out is None:
         raise InputError("--verify writes the pruned models: give --out")
-    evs = _eval_settings(langs, targets, ppl_tokens, ppl_seqlen, sweep_kw)
+    # checked before any work, and only when perplexity will be measured
+    evs = (
+        _eval_settings(langs, targets, ppl_tokens, ppl_seqlen, sweep_kw)
+        if (verify or calibrate)
+        else None
+    )
     singles = [CalibrationMix((lang,), (1.0,)) for lang in langs]
     uniform = CalibrationMix(tuple(langs), (1.0,) * len(langs))
     design = singles + all_pairs(langs) + [uniform]
