@@ -9,10 +9,11 @@ DEMO_OUT ?= runs/demo-sparsegpt-de-en
 
 .PHONY: demo test lint bench table1 clean
 
+# No pip cache: the wheels would be kept twice on disk (CI machines can be short of it).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,eval,ray,real]"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-cache-dir torch==2.13.0
+	$(PY) -m pip install -q --no-cache-dir -e ".[test,eval,ray,real]"
 	touch $(STAMP)
 
 # The main job on the bundled demo model: SparseGPT at 50% calibrated on German + English

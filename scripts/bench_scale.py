@@ -119,14 +119,22 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt"])
+    ap.add_argument("--method", default="sparsegpt",
+                    help="magnitude, wanda, sparsegpt, or several separated by commas: each "
+                    "compresses the same checkpoint in a fresh process")  # fmt: skip
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--offload", default="auto", choices=["auto", "none", "cpu", "disk"])
     ap.add_argument("--shard-size", default="1GB", help="shard size of the random checkpoint")
     ap.add_argument("--dir", help="where to write checkpoints (default: a temporary directory)")
     ap.add_argument("--worker", choices=["write", "compress"], help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help="write every row here")
     args = ap.parse_args()
+    methods = args.method.split(",")
+    bad = [m for m in methods if m not in ("magnitude", "wanda", "sparsegpt")]
+    if bad:
+        print(f"--method {bad[0]!r}: allowed magnitude, wanda, sparsegpt", file=sys.stderr)
+        return 2
     if args.worker == "write":
         write_checkpoint(Path(args.root), args, args.layers[0])
         return 0
@@ -145,33 +153,45 @@ def main() -> int:
             base = [sys.executable, __file__, "--root", str(root), "--layers", str(layers), *flags]
             subprocess.run([*base, "--worker", "write"], check=True)
             size = checkpoint_mib(root)
-            proc = subprocess.run([*base, "--worker", "compress"], capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr)
-                return 1
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append((layers, size, r))
-            per = ", ".join(f"{s:.1f}" for s in r["per_block_s"])
-            print(f"{layers} layers: checkpoint {size:.0f} MiB, peak RSS {r['peak_rss_mib']:.0f} "
-                  f"MiB, {r['seconds']:.1f} s; per layer (s): {per}", file=sys.stderr)  # fmt: skip
+            for method in methods:
+                shutil.rmtree(root / "out", ignore_errors=True)
+                proc = subprocess.run([*base, "--method", method, "--worker", "compress"],
+                                      capture_output=True, text=True)  # fmt: skip
+                if proc.returncode != 0:
+                    sys.stderr.write(proc.stderr)
+                    return 1
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                rows.append((layers, method, size, r))
+                per = ", ".join(f"{s:.1f}" for s in r["per_block_s"])
+                print(f"{layers} layers, {method}: checkpoint {size:.0f} MiB, peak RSS "
+                      f"{r['peak_rss_mib']:.0f} MiB, {r['seconds']:.1f} s; per layer (s): {per}",
+                      file=sys.stderr, flush=True)  # fmt: skip
             shutil.rmtree(root)
 
     print(f"\nrandom Llama, hidden {args.hidden}, intermediate {args.intermediate}, heads "
-          f"{args.heads}/{args.kv_heads} kv, vocab {args.vocab}, bf16 checkpoint; {args.method} "
-          f"0.5 on {args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}, "
+          f"{args.heads}/{args.kv_heads} kv, vocab {args.vocab}, bf16 checkpoint; 50% unstructured "
+          f"on {args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}, "
           f"device {args.device}, offload {args.offload}")  # fmt: skip
-    print("| layers | checkpoint (MiB) | peak RSS (MiB) | RSS / checkpoint | peak GPU (MiB) | "
-          "total (s) | capture (s) | mean per layer (s) |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for layers, size, r in rows:
+    print("| layers | method | checkpoint (MiB) | peak RSS (MiB) | RSS / checkpoint | "
+          "peak GPU (MiB) | total (s) | capture (s) | mean per layer (s) |")  # fmt: skip
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for layers, method, size, r in rows:
         gpu = f"{r['peak_gpu_mib']:.0f}" if r["peak_gpu_mib"] is not None else "-"
         mean = sum(r["per_block_s"]) / len(r["per_block_s"])
-        print(f"| {layers} | {size:.0f} | {r['peak_rss_mib']:.0f} | "
+        print(f"| {layers} | {method} | {size:.0f} | {r['peak_rss_mib']:.0f} | "
               f"{r['peak_rss_mib'] / size:.2f} | {gpu} | {r['seconds']:.1f} | "
               f"{r['capture_s']:.1f} | {mean:.2f} |")  # fmt: skip
-    if len(rows) > 1:
-        ratio = rows[-1][2]["peak_rss_mib"] / rows[0][2]["peak_rss_mib"]
-        print(f"\npeak RSS {rows[-1][0]} layers / {rows[0][0]} layers: {ratio:.2f}x")
+    for method in methods:
+        mine = [row for row in rows if row[1] == method]
+        if len(mine) > 1:
+            ratio = mine[-1][3]["peak_rss_mib"] / mine[0][3]["peak_rss_mib"]
+            print(f"\n{method}: peak RSS {mine[-1][0]} layers / {mine[0][0]} layers: {ratio:.2f}x")
+    if args.json:
+        keep = {k: v for k, v in vars(args).items() if k not in ("worker", "root", "json")}
+        data = {"settings": keep,
+                "rows": [{"layers": la, "method": m, "checkpoint_mib": size, **r}
+                         for la, m, size, r in rows]}  # fmt: skip
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
     return 0
 
 

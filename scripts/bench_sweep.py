@@ -4,7 +4,8 @@
 
     python scripts/bench_sweep.py [--model gemma-3-270m] [--method wanda] [--nsamples 16]
         [--seqlen 256] [--langs ar,de,en,es,ru,sw,zh] [--ppl-tokens 4096] [--runs all|K]
-        [--skip-ppl | --quality-only] [--out-dir DIR] [--json PATH]
+        [--skip-ppl | --quality-only [--quality-models sweep|runs]] [--out-dir DIR]
+        [--json PATH]
 
 1. ``polyprune sweep`` of the 29 mixes of the issue (the 7 single languages, the 21 equal
    pairs, the uniform mix), exact pools, every mix written: whole-command time.
@@ -14,7 +15,9 @@
    8 outputs of the single languages and the uniform mix, and of the dense model.
 4. ``polyprune sweep --predict --no-write`` of those 8 mixes: the predicted damage, and per
    evaluation language the Spearman rank correlation across the 8 mixes between predicted
-   damage and measured perplexity.
+   damage and measured perplexity. ``--quality-models runs`` measures separate default runs
+   of the 8 mixes (compressed propagation) instead of the sweep's entries, ranked by the same
+   predicted damage: whether a sweep's ranking carries over to the models users keep.
 """
 
 from __future__ import annotations
@@ -72,6 +75,16 @@ def bench(args, root: Path) -> dict:
     data: dict = {"settings": {k: v for k, v in vars(args).items() if k not in ("json",)}}
     if args.quality_only:  # with exact pools an entry does not depend on the other mixes
         all_mixes = [*args.langs, ",".join(args.langs)]
+    if args.quality_only and args.quality_models == "runs":
+        # the 8 models from separate default runs (compressed propagation), ranked by the
+        # damage the sweep predicts (dense propagation): does the ranking carry over?
+        runs_out = root / "runs"
+        for mix in all_mixes:
+            out = runs_out / dirname(mix)
+            wall = run(cli("prune", "-q", *common(args), "--calib", mix, "--out", str(out),
+                           "--overwrite"), root / "run.log")  # fmt: skip
+            print(f"  run {mix}: {wall:.1f} s", flush=True)
+        return _quality(args, root, runs_out, data)
     # 1. the sweep
     sweep_out = root / "sweep"
     wall = run(cli("sweep", "-q", *common(args), "--mixes", ";".join(all_mixes),
@@ -150,6 +163,9 @@ def main() -> int:
     ap.add_argument("--skip-ppl", action="store_true", help="timings only")
     ap.add_argument("--quality-only", action="store_true",
                     help="no timings: sweep the 8 mixes, then perplexity and Spearman")  # fmt: skip
+    ap.add_argument("--quality-models", choices=["sweep", "runs"], default="sweep",
+                    help="with --quality-only: measure the sweep's entries (dense propagation) "
+                    "or separate default runs (compressed propagation)")  # fmt: skip
     ap.add_argument("--out-dir", help="work here (default: a temporary directory)")
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()

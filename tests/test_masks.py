@@ -3,7 +3,7 @@ import torch
 
 from polyprune.compress.masks import Pattern, pack_mask, row_prune_count, unpack_mask
 from polyprune.errors import InputError
-from polyprune.kernels.topk_mask import nm_mask, row_topk_mask, smallest_k_mask
+from polyprune.kernels.topk_mask import kth_smallest, nm_mask, row_topk_mask, smallest_k_mask
 
 
 def test_pattern_parses_unstructured_and_nm():
@@ -60,3 +60,30 @@ def test_smallest_k_equals_a_stable_sort_even_with_many_ties(shape, k):
     idx = torch.sort(score, dim=-1, stable=True)[1][..., :k]
     expected = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, True)
     assert torch.equal(smallest_k_mask(score, k), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,k", [((1, 5000), 2500), ((37, 64), 1), ((5, 3, 16), 16), ((9, 33), 17)]
+)
+def test_kth_smallest_equals_torch_kthvalue(dtype, shape, k):
+    """The CPU path (NumPy's selection) against ``torch.kthvalue``: ties, signed zeros, NaN
+    (sorts last in both) and non-contiguous input included."""
+    g = torch.Generator().manual_seed(k)
+    score = torch.randint(-3, 4, shape, generator=g).to(dtype) * 0.5  # many ties, some -0.0
+    score = torch.where(
+        torch.rand(shape, generator=g) < 0.5, score, torch.randn(shape, generator=g).to(dtype)
+    )
+    score.view(-1)[::7] = float("nan")
+    score.view(-1)[1::11] = -0.0
+    for s in (score, score.transpose(0, -1).contiguous().transpose(0, -1)):
+        got = kth_smallest(s, k)
+        want = torch.kthvalue(s, k, dim=-1, keepdim=True).values
+        assert got.dtype == s.dtype and got.shape == want.shape
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+    # and the masks built on it: a stable sort's first k
+    s = score.nan_to_num(9.0)
+    idx = torch.sort(s, dim=-1, stable=True)[1][..., :k]
+    expected = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
+    assert torch.equal(smallest_k_mask(s, k), expected)

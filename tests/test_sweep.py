@@ -16,7 +16,14 @@ from polyprune.cli import main
 from polyprune.compress.capture import batch_slices
 from polyprune.compress.damage import statistic_matrix
 from polyprune.data.mix import CalibrationMix
-from polyprune.eval.mixsearch import fit_calibration, optimise, to_mix
+from polyprune.eval.mixsearch import (
+    Candidate,
+    OptimiseReport,
+    fit_calibration,
+    measured_verdict,
+    optimise,
+    to_mix,
+)
 from polyprune.eval.sweep import grid_mixes, mix_dirname, parse_mixes, plan_sweep, sweep
 
 SMALL = {"nsamples": 6, "seqlen": 32, "batch_size": 4, "progress": False}
@@ -205,6 +212,15 @@ def test_optimise_recommends_a_mix_no_worse_than_single_and_uniform(tiny_model_d
     assert set(rep.dense) == {"de", "en", "sw"}
     out = tmp_path / "opt"
     assert (out / "optimise.md").is_file() and (out / "optimise.json").is_file()
+    # the verdict ranks every mix measured on both targets by its measured worst perplexity
+    v = rep.verdict
+    assert {c.mix for c in rep.candidates} <= set(v.measured)
+    for c in rep.candidates:
+        assert v.measured[c.mix] == pytest.approx(max(c.measured["de"], c.measured["sw"]))
+    assert v.measured[v.best] == min(v.measured.values())
+    assert v.searched == rec.mix
+    assert f"**Use {v.best}**" in (out / "optimise.md").read_text()
+    assert json.loads((out / "optimise.json").read_text())["verdict"]["best"] == v.best
     if not calibrate:
         assert rep.calibration is None
         assert rec.score == pytest.approx(max(rec.predicted[t] for t in ("de", "sw")))
@@ -213,6 +229,7 @@ def test_optimise_recommends_a_mix_no_worse_than_single_and_uniform(tiny_model_d
     cal = rep.calibration
     # anchors: each target alone and the uniform mix, pruned and measured on the targets
     assert [a["mix"] for a in cal.anchors] == ["de", "sw", "de,en,sw"]
+    assert {a["mix"] for a in cal.anchors} <= set(v.measured)  # measured on the targets
     assert (out / "anchors" / "sweep.json").is_file()
     assert cal.dense == {t: rep.dense[t] for t in ("de", "sw")}
     anchored = {a["mix"]: a for a in cal.anchors}
@@ -227,6 +244,77 @@ def test_optimise_recommends_a_mix_no_worse_than_single_and_uniform(tiny_model_d
         assert c.score == pytest.approx(max(want.values()))
         assert c.predicted_ppl == pytest.approx({t: math.exp(v) for t, v in want.items()})
     assert "Calibration" in (out / "optimise.md").read_text()
+
+
+def _report(objective: str, mixes: list[tuple[str, str]]) -> OptimiseReport:
+    cands = [Candidate(role, mix, {}, 0.0) for role, mix in mixes]
+    return OptimiseReport(objective, ["de", "sw"], ["de", "en", "sw"], cands, [], {})
+
+
+@pytest.mark.parametrize(
+    ("objective", "measured", "best"),
+    [
+        # worst: the search's mix loses to an anchor measured on the targets only
+        (
+            "worst",
+            {
+                "de:1,sw:3": {"de": 90, "sw": 191.4},
+                "sw": {"de": 100, "sw": 191.2},
+                "de,en,sw": {"de": 80, "sw": 220},
+            },
+            "sw",
+        ),  # fmt: skip
+        # worst: the search's mix measured best
+        (
+            "worst",
+            {"de:1,sw:3": {"de": 90, "sw": 150}, "sw": {"de": 100, "sw": 191.2}},
+            "de:1,sw:3",
+        ),
+        # a tie goes to the search's mix
+        ("worst", {"sw": {"de": 100, "sw": 150}, "de:1,sw:3": {"de": 90, "sw": 150}}, "de:1,sw:3"),
+        # mean: geometric mean over the targets (sqrt(50*200) = 100 < sqrt(90*120) = 103.9)
+        ("mean", {"de:1,sw:3": {"de": 90, "sw": 120}, "sw": {"de": 50, "sw": 200}}, "sw"),
+        # weighted: de counts 3x: 50^.75 * 200^.25 = 70.7 < 90^.75 * 60^.25 = 81.3
+        (
+            "weighted:de=3,sw=1",
+            {"de:1,sw:3": {"de": 90, "sw": 60}, "sw": {"de": 50, "sw": 200}},
+            "sw",
+        ),  # fmt: skip
+        # a mix without every target, and the dense model, are not ranked
+        (
+            "worst",
+            {"de:1,sw:3": {"de": 90, "sw": 150}, "sw": {"sw": 10}, "dense": {"de": 20, "sw": 40}},
+            "de:1,sw:3",
+        ),  # fmt: skip
+    ],
+)
+def test_measured_verdict_names_the_best_measured_mix(objective, measured, best):
+    rep = _report(objective, [("recommended", "de:1,sw:3"), ("best single", "sw")])
+    v = measured_verdict(rep, measured)
+    assert v.best == best
+    assert v.searched == "de:1,sw:3"
+    assert v.best_role == {"de:1,sw:3": "recommended", "sw": "best single"}[best]
+    ranked = {m for m, p in measured.items() if m != "dense" and {"de", "sw"} <= set(p)}
+    assert set(v.measured) == ranked
+    if best != "de:1,sw:3":
+        assert v.margin > 0
+        assert f"**Use {best}** (best single)" in v.markdown()
+    else:
+        assert v.margin == 0
+
+
+def test_measured_verdict_names_an_anchor_that_is_no_candidate():
+    rep = _report("worst", [("recommended", "de:1,sw:3"), ("uniform", "de,en,sw")])
+    v = measured_verdict(
+        rep,
+        {
+            "de:1,sw:3": {"de": 90, "sw": 191.4},
+            "de,en,sw": {"de": 80, "sw": 220},
+            "sw": {"de": 100, "sw": 191.2},
+        },
+    )
+    assert (v.best, v.best_role) == ("sw", "anchor")
+    assert v.margin == pytest.approx(191.4 / 191.2 - 1)
 
 
 def test_optimise_predicts_every_target_for_a_mix_that_leaves_one_out(tiny_model_dir,

@@ -10,7 +10,11 @@
 3. The report: the recommended mix next to the best single language and the uniform mix, with
    predicted damage per language. ``verify`` then prunes the three (one sweep, ``exact``
    pools: each is the run ``--calib MIX --nsamples N --propagate dense``) and measures their
-   held-out perplexity in every language.
+   held-out perplexity in every language. Every mix measured on all targets (the three, and
+   the anchors) is then ranked by the objective over its *measured* perplexities, and the
+   report's verdict names the best one: the search's mix if it measured best, otherwise the
+   measured mix that beat it, with the margin. A mix measured worse than another one that was
+   measured is never left as the answer.
 
 Calibration (default with two or more targets). Damage ranks mixes well *within* a language
 but is not comparable *across* languages: on Gemma 3 270M (Wanda, 50%) the same damage 0.020
@@ -45,7 +49,16 @@ from polyprune.errors import InputError
 from polyprune.eval.sweep import all_pairs, mix_dirname, sweep
 from polyprune.outputs import check_output_dir, check_writable, staged_output
 
-__all__ = ["Calibration", "Candidate", "OptimiseReport", "fit_calibration", "optimise", "to_mix"]
+__all__ = [
+    "Calibration",
+    "Candidate",
+    "OptimiseReport",
+    "Verdict",
+    "fit_calibration",
+    "measured_verdict",
+    "optimise",
+    "to_mix",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +124,53 @@ def fit_calibration(
 
 
 @dataclass
+class Verdict:
+    """Every mix measured on all targets, ranked by the objective over measured perplexity."""
+
+    objective: str
+    searched: str  # the search's recommended mix
+    best: str  # the best measured mix: the answer
+    best_role: str  # its role (recommended, best single, uniform, anchor)
+    measured: dict[str, float]  # mix -> objective over its measured target perplexities
+
+    @property
+    def margin(self) -> float:
+        """Relative excess of the search's mix over the best measured one (0 if it is best)."""
+        return self.measured[self.searched] / self.measured[self.best] - 1.0
+
+    def markdown(self) -> str:
+        lines = ["", f"### Verdict (measured {self.objective} perplexity over the targets)", ""]
+        for mix, v in sorted(self.measured.items(), key=lambda kv: kv[1]):
+            lines.append(f"- {mix}: {v:.2f}" + (" (the search's mix)" if mix == self.searched
+                                                 else ""))  # fmt: skip
+        if self.best == self.searched:
+            lines += ["", f"**Use {self.best}**: the search's mix measured best."]
+        else:
+            lines += ["", f"**Use {self.best}** ({self.best_role}): the search's mix "
+                      f"{self.searched} measured {100 * self.margin:.2f}% higher."]  # fmt: skip
+        return "\n".join(lines)
+
+
+def measured_verdict(report: OptimiseReport, measured: dict[str, dict[str, float]]) -> Verdict:
+    """Rank every mix in ``measured`` that has all targets (not the dense model) by the
+    report's objective applied to log perplexity (worst: the highest target perplexity; mean:
+    their geometric mean; weighted: the weighted geometric mean) and name the best. Ties go
+    to the search's mix, then to the candidates' order."""
+    obj = parse_objective(report.objective, report.targets)
+    roles = {c.mix: c.role for c in report.candidates}
+    order = [c.mix for c in report.candidates] + sorted(m for m in measured if m not in roles)
+    scores = {}
+    for mix in order:
+        ppl = measured.get(mix, {})
+        if mix == "dense" or any(t not in ppl for t in report.targets):
+            continue
+        scores[mix] = math.exp(obj({t: math.log(ppl[t]) for t in report.targets}))
+    searched = report.candidates[0].mix
+    best = min(scores, key=lambda m: (scores[m], m != searched))
+    return Verdict(str(obj), searched, best, roles.get(best, "anchor"), scores)
+
+
+@dataclass
 class OptimiseReport:
     objective: str
     targets: list[str]
@@ -121,6 +181,7 @@ class OptimiseReport:
     surrogate_check: dict[str, float] = field(default_factory=dict)
     calibration: Calibration | None = None
     dense: dict[str, float] = field(default_factory=dict)  # measured, with --verify
+    verdict: Verdict | None = None  # with --verify
 
     def markdown(self) -> str:
         cols = self.targets + [lang for lang in self.langs if lang not in self.targets]
@@ -161,6 +222,8 @@ class OptimiseReport:
                 vals = " | ".join(_f(measured.get(lang), ".2f") for lang in cols)
                 worst = max(measured.get(t, math.nan) for t in self.targets)
                 lines.append(f"| {mix} | {role} | {vals} | {_f(worst, '.2f')} |")
+        if self.verdict is not None:
+            lines.append(self.verdict.markdown())
         return "\n".join(lines) + "\n"
 
 
@@ -379,4 +442,9 @@ def _verify(report, model, method, root: Path, evs, measured, sweep_kw, seconds)
     for c in report.candidates:
         c.measured = dict(measured[c.mix])
     report.dense = dict(measured["dense"])
+    report.verdict = measured_verdict(report, measured)
+    if report.verdict.best != report.verdict.searched:
+        logger.warning("the search's mix %s measured %.2f%% above %s: the verdict is %s",
+                       report.verdict.searched, 100 * report.verdict.margin,
+                       report.verdict.best, report.verdict.best)  # fmt: skip
     seconds["verify"] = time.perf_counter() - t0

@@ -8,9 +8,13 @@ sort), so the same scores always give the same mask on every device.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-__all__ = ["nm_mask", "row_topk_mask", "smallest_k_mask"]
+__all__ = ["kth_smallest", "nm_mask", "row_topk_mask", "smallest_k_mask"]
+
+# Scores NumPy holds exactly (bf16 is widened to fp32 first, which is exact).
+_NUMPY_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def smallest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -20,7 +24,7 @@ def smallest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(score, dtype=torch.bool)
     if k >= score.shape[-1]:
         return torch.ones_like(score, dtype=torch.bool)
-    kth = torch.kthvalue(score, k, dim=-1, keepdim=True).values
+    kth = kth_smallest(score, k)
     mask = score <= kth
     # Of the entries equal to the k-th value, keep the lowest-index ones still needed. Rows
     # with more ties than needed are rare (real scores seldom repeat): only those are cut, so
@@ -32,6 +36,23 @@ def smallest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
         cut = tied & (tied.cumsum(-1) > need) & over
         mask &= ~cut
     return mask
+
+
+def kth_smallest(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (1-based) along the last dimension, keepdim: ``torch.kthvalue``.
+
+    On the CPU NumPy's introselect finds the same value 6-50x faster than ``torch.kthvalue``
+    (measured on 2 cores for SparseGPT's (rows x 128)-column tiles and Wanda's rows of Gemma 3
+    270M): it was 13% of a SparseGPT solve and most of a Wanda one. The value is the same
+    either way (an order statistic does not depend on the algorithm; NaN sorts last in both).
+    """
+    if score.device.type != "cpu" or score.dtype not in _NUMPY_FLOATS or score.requires_grad:
+        return torch.kthvalue(score, k, dim=-1, keepdim=True).values
+    a = score.detach()
+    if a.dtype == torch.bfloat16:
+        a = a.float()
+    part = np.partition(a.numpy(), k - 1, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(part[..., k - 1 : k])).to(score.dtype)
 
 
 def row_topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
