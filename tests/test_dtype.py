@@ -111,8 +111,12 @@ def test_auto_on_fast_bf16_forwards_in_bf16_and_writes_the_checkpoint_dtype(demo
 def test_bf16_forwards_choose_nearly_the_fp32_masks_and_perplexity(demo_runs, monkeypatch):
     masks = {d: _masks(p) for d, p in demo_runs.items()}
     agree = [(masks["auto"][k] == masks["float32"][k]).float().mean() for k in masks["auto"]]
-    # Rounding of the activations moves a few weights across the pruning threshold, no more.
-    assert min(agree) > 0.9, min(agree)
+    # Rounding of the activations moves some weights across the pruning threshold, no more
+    # (a broken path agrees at about 0.5, the share of a random mask). down_proj, fed by GeGLU
+    # products, moves most, and how much depends on the CPU's bf16 matmul: above 0.9 with
+    # avx512_bf16, 0.898 on an AMD EPYC without AVX-512 (emulated bf16), whose perplexities
+    # still agree to 3e-4.
+    assert min(agree) > 0.85, min(agree)
     ppl = {}
     for dtype, path in demo_runs.items():
         loaded = load_model(path, dtype="float32")
