@@ -170,6 +170,9 @@ def main() -> int:
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()
     args.langs = args.langs.split(",")
+    if args.quality_models != "sweep" and not args.quality_only:
+        print("--quality-models runs needs --quality-only", file=sys.stderr)
+        return 2
     if args.runs != "all" and (not args.runs.isdigit() or int(args.runs) < 1):
         print(f"--runs {args.runs!r}: give all or a positive number", file=sys.stderr)
         return 2

@@ -87,3 +87,19 @@ def test_kth_smallest_equals_torch_kthvalue(dtype, shape, k):
     idx = torch.sort(s, dim=-1, stable=True)[1][..., :k]
     expected = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
     assert torch.equal(smallest_k_mask(s, k), expected)
+
+
+def test_kth_smallest_takes_the_numpy_path_on_the_cpu(monkeypatch):
+    """The comparison above would pass if every call fell back to ``torch.kthvalue``: here that
+    fallback fails, so only the NumPy selection can answer (CPU, float32 and bf16)."""
+    import polyprune.kernels.topk_mask as tm
+
+    def no_torch(*a, **k):
+        raise AssertionError("torch.kthvalue called on the CPU path")
+
+    monkeypatch.setattr(tm.torch, "kthvalue", no_torch)
+    score = torch.tensor([[3.0, 1.0, 2.0, 0.5], [0.0, -1.0, 4.0, 2.0]])
+    for dtype in (torch.float32, torch.bfloat16):
+        assert kth_smallest(score.to(dtype), 2).tolist() == [[1.0], [0.0]]
+    with pytest.raises(AssertionError, match="torch.kthvalue"):  # integers still go to torch
+        kth_smallest(score.long(), 2)

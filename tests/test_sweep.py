@@ -177,6 +177,7 @@ def test_sweep_command_writes_models_tables_and_heatmap(tiny_model_dir, tmp_path
 )
 def test_bad_sweep_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, extra, message):
     model = tiny_model_dir("llama")
+    capsys.readouterr()  # the fixture's own output (it writes the model on first use)
     rc = cli("sweep", "--model", model, "--method", "wanda", "--seqlen", "32",
              "--out", tmp_path / "o", *extra)  # fmt: skip
     err = capsys.readouterr().err
@@ -263,7 +264,7 @@ def _report(objective: str, mixes: list[tuple[str, str]]) -> OptimiseReport:
                 "de,en,sw": {"de": 80, "sw": 220},
             },
             "sw",
-        ),  # fmt: skip
+        ),
         # worst: the search's mix measured best
         (
             "worst",
@@ -279,13 +280,13 @@ def _report(objective: str, mixes: list[tuple[str, str]]) -> OptimiseReport:
             "weighted:de=3,sw=1",
             {"de:1,sw:3": {"de": 90, "sw": 60}, "sw": {"de": 50, "sw": 200}},
             "sw",
-        ),  # fmt: skip
+        ),
         # a mix without every target, and the dense model, are not ranked
         (
             "worst",
             {"de:1,sw:3": {"de": 90, "sw": 150}, "sw": {"sw": 10}, "dense": {"de": 20, "sw": 40}},
             "de:1,sw:3",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_measured_verdict_names_the_best_measured_mix(objective, measured, best):
