@@ -46,6 +46,11 @@ def _add_shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", choices=["auto", "none", "cpu", "disk"], default="auto",
                    help="where activations and per-language statistics wait")  # fmt: skip
     p.add_argument("--offload-dir", metavar="DIR", help="directory of --offload disk files")
+    # not argparse choices: the names live in compress/damage.py (torch), checked by the sweep
+    p.add_argument("--damage-combine", default="block",
+                   help="predicted damage of a language from its Linears: block (per block, "
+                   "errors over energies, then the mean over blocks) or linear (the mean of "
+                   "each Linear's relative error); docs/mixes.md")  # fmt: skip
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
@@ -96,6 +101,9 @@ def add_mix_commands(sub, common: argparse.ArgumentParser) -> None:
                    "anchors (each target alone, the uniform mix), instead of raw damage, which "
                    "is not comparable across languages (default: with two or more targets)",
                    )  # fmt: skip
+    o.add_argument("--local-rounds", type=int, default=4,
+                   help="rounds of the local search over whole calibration windows after the "
+                   "surrogate's pick (each one predict-only pass; 0: none)")  # fmt: skip
     o.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens per language")
     o.add_argument("--ppl-seqlen", type=int, default=512, help="perplexity window")
 
@@ -107,6 +115,7 @@ def _sweep_kw(args) -> dict:
         "sampling": args.sampling, "device": args.device, "dtype": args.dtype,
         "batch_size": args.batch_size, "offload": args.offload,
         "offload_dir": args.offload_dir, "progress": not args.quiet,
+        "damage_combine": args.damage_combine,
     }  # fmt: skip
 
 
@@ -163,7 +172,7 @@ def cmd_mix(args) -> int:
 
     report = optimise(args.model, args.method, _split(args.langs), _split(args.target),
                       args.objective, verify=args.verify, calibrate=args.calibrate,
-                      ppl_tokens=args.ppl_tokens,
+                      ppl_tokens=args.ppl_tokens, local_rounds=args.local_rounds,
                       ppl_seqlen=args.ppl_seqlen, out=args.out, overwrite=args.overwrite,
                       **_sweep_kw(args))  # fmt: skip
     print(report.markdown(), end="")

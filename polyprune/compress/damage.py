@@ -43,6 +43,7 @@ import torch
 from polyprune.compress.stats import InputStats
 
 __all__ = [
+    "COMBINES",
     "DamageTerm",
     "combine",
     "damage_terms",
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 Combine = Literal["block", "linear"]
+COMBINES: tuple[str, ...] = ("block", "linear")
 
 
 def statistic_matrix(stats: InputStats) -> torch.Tensor:
@@ -135,7 +137,7 @@ def damage_terms(
 def combine(terms: Iterable[DamageTerm], how: Combine = "block") -> dict[str, float]:
     """One predicted damage per language (module docstring): ``block`` = mean over blocks of
     (sum of errors / sum of energies in the block); ``linear`` = mean over Linears of ratios."""
-    if how not in ("block", "linear"):
+    if how not in COMBINES:
         raise ValueError(f"unknown combination {how!r}; allowed: block, linear")
     if how == "linear":
         ratios: dict[str, list[float]] = defaultdict(list)

@@ -6,8 +6,13 @@
 2. :func:`polyprune.compress.mixopt.optimise_with_surrogate` fits, per target language, the
    quadratic mixture model of predicted damage against the shares, optimises it on a fine
    lattice, and asks for the predicted damage at its optimum: one more predict-only sweep of
-   that one mix. The recommended mix is the best *evaluated* one (docs/mixes.md says why).
-3. The report: the recommended mix next to the best single language and the uniform mix, with
+   that one mix.
+3. :func:`polyprune.compress.mixopt.local_search` from the best evaluated mix over the mixes
+   of ``nsamples`` whole windows (``local_rounds`` predict-only sweeps at most, each of a
+   batch of mixes). The recommended mix is the best *evaluated* one (docs/mixes.md says why);
+   for ``worst``, near ties (within :data:`NEAR_TIE`) go to the best mean over the targets
+   (:func:`polyprune.compress.mixopt.balanced_best`).
+4. The report: the recommended mix next to the best single language and the uniform mix, with
    predicted damage per language. ``verify`` then prunes the three (one sweep, ``exact``
    pools: each is the run ``--calib MIX --nsamples N --propagate dense``) and measures their
    held-out perplexity in every language. Every mix measured on all targets (the three, and
@@ -43,9 +48,17 @@ from pathlib import Path
 
 import numpy as np
 
-from polyprune.compress.mixopt import MixResult, optimise_with_surrogate, parse_objective
+from polyprune.compress.damage import COMBINES
+from polyprune.compress.mixopt import (
+    MixPoint,
+    MixResult,
+    balanced_best,
+    local_search,
+    optimise_with_surrogate,
+    parse_objective,
+)
 from polyprune.data.mix import CalibrationMix, largest_remainder
-from polyprune.errors import InputError
+from polyprune.errors import InputError, shorten
 from polyprune.eval.sweep import all_pairs, mix_dirname, sweep
 from polyprune.outputs import check_output_dir, check_writable, staged_output
 
@@ -61,6 +74,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Predictions of ``worst`` this close are near ties (compress.mixopt.balanced_best): 0.005 in log
+# perplexity (0.5%) when calibrated, 0.5% of the damage otherwise.
+NEAR_TIE = 0.005
 
 
 @dataclass
@@ -182,14 +199,26 @@ class OptimiseReport:
     calibration: Calibration | None = None
     dense: dict[str, float] = field(default_factory=dict)  # measured, with --verify
     verdict: Verdict | None = None  # with --verify
+    searched: dict[str, int] = field(default_factory=dict)  # mixes evaluated, per stage
+    near_ties: list[str] = field(default_factory=list)  # worst: mixes predicted within NEAR_TIE
 
     def markdown(self) -> str:
         cols = self.targets + [lang for lang in self.langs if lang not in self.targets]
         cal = self.calibration
         score = f"{self.objective} (ppl)" if cal else str(self.objective)
         head = "| mix | role | " + " | ".join(cols) + f" | {score} |"
-        lines = [f"### Predicted damage (targets {', '.join(self.targets)}; lower is better)",
-                 "", head, "|---|---|" + "---:|" * (len(cols) + 1)]  # fmt: skip
+        lines = [f"### Predicted damage (targets {', '.join(self.targets)}; lower is better)", ""]
+        if self.searched:
+            lines += [
+                "Mixes evaluated: "
+                + ", ".join(f"{n} {stage}" for stage, n in self.searched.items()),
+                "",
+            ]
+        if len(self.near_ties) > 1:
+            lines += [f"Near ties (predicted within {100 * NEAR_TIE:g}% of the best "
+                      f"{self.objective}; recommended: the best mean over the targets): "
+                      f"{', '.join(self.near_ties)}", ""]  # fmt: skip
+        lines += [head, "|---|---|" + "---:|" * (len(cols) + 1)]  # fmt: skip
         for c in self.candidates:
             vals = " | ".join(_f(c.predicted.get(lang)) for lang in cols)
             s = _f(math.exp(c.score), ".2f") if cal else _f(c.score)
@@ -255,19 +284,26 @@ def optimise(
     calibrate: bool | None = None,
     ppl_tokens: int | None = 4096,
     ppl_seqlen: int | None = 512,
+    local_rounds: int = 4,
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     **sweep_kw,
 ) -> OptimiseReport:
     """Search the mix of ``langs`` minimising the predicted damage ``objective`` on
     ``targets`` (module docstring); ``calibrate`` (default: with two or more targets) scores
-    predicted perplexity instead. ``sweep_kw``: :func:`polyprune.eval.sweep.sweep`'s method,
+    predicted perplexity instead. ``local_rounds``: of the local search over whole windows
+    after the surrogate (0: none). ``sweep_kw``: :func:`polyprune.eval.sweep.sweep`'s method,
     calibration and placement settings. Writes ``out`` (report; the anchors' and, with
     ``verify``, the candidates' pruned models) if given."""
     t0 = time.perf_counter()
     langs, targets = list(dict.fromkeys(langs)), list(dict.fromkeys(targets))
     if len(langs) < 2:
         raise InputError(f"--langs needs at least two candidate languages, got {','.join(langs)}")
+    if sweep_kw.get("damage_combine", "block") not in COMBINES:
+        raise InputError(f"unknown damage combination {shorten(str(sweep_kw['damage_combine']))}"
+                         f"; allowed: {', '.join(COMBINES)}")  # fmt: skip
+    if not isinstance(local_rounds, int) or local_rounds < 0:
+        raise InputError(f"--local-rounds must be an integer >= 0, got {local_rounds}")
     obj = parse_objective(objective, targets)
     calibrate = len(targets) >= 2 if calibrate is None else calibrate
     if out is not None:
@@ -314,9 +350,53 @@ def optimise(
                 seconds["optimum_sweep"] = again.seconds.get("total", 0.0)
             return cache[key]
 
+        def damage_many(many: list[dict[str, float]]) -> list[dict[str, float]]:
+            todo = {}
+            for w in many:
+                used = {k: v for k, v in w.items() if v > 0}
+                if _shares_key(used) not in cache:
+                    todo[_shares_key(used)] = CalibrationMix(tuple(used), tuple(used.values()))
+            if todo:  # one pass for the whole batch
+                t1 = time.perf_counter()
+                again = sweep(model, method, [], predict_only=list(todo.values()), **kw)
+                for key, name in zip(todo, again.entries, strict=True):
+                    cache[key] = again.predicted[name]
+                seconds["local_search"] = seconds.get("local_search", 0.0) + (
+                    time.perf_counter() - t1
+                )
+            return [cache[_shares_key(w)] for w in many]
+
         res = optimise_with_surrogate(langs, damage, obj)
+        searched = {"design": len(design), "surrogate optimum": res.evaluations - len(design)}
+        if local_rounds:
+            local = local_search(
+                langs,
+                damage_many,
+                obj,
+                res.best.weights,
+                sweep_kw.get("nsamples", 128),
+                receivers=[t for t in targets if t in langs],
+                rounds=local_rounds,
+            )
+            res = _merge(res, local)
+            searched["local search"] = res.evaluations - sum(searched.values())
+        # near ties of ``worst`` go to the better mean over the targets (balanced_best)
+        tol = NEAR_TIE if calibrate else NEAR_TIE * abs(res.best.score)
+        pick, near = balanced_best(res.table, obj, tol)
+        if pick is not res.best:
+            logger.info("%d mixes predicted within %.1f%% of the best worst case; the one with "
+                        "the best mean over the targets: %s", len(near), 100 * NEAR_TIE,
+                        {k: v for k, v in pick.weights.items() if v})  # fmt: skip
+            res = replace(res, best=pick)
         report = _report(res, obj, langs, targets, singles, uniform, cache, sweep_kw)
         report.calibration = cal
+        report.searched = searched
+        nsamples = sweep_kw.get("nsamples", 128)
+        report.near_ties = list(
+            dict.fromkeys(
+                str(to_mix({k: v for k, v in p.weights.items() if v > 0}, nsamples)) for p in near
+            )
+        )
         if cal is not None:
             for c in report.candidates:
                 c.predicted_ppl = cal.ppl(c.predicted)
@@ -328,6 +408,20 @@ def optimise(
             (tmp / "optimise.md").write_text(report.markdown())
             (tmp / "optimise.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
+
+
+def _merge(res: MixResult, local: MixResult) -> MixResult:
+    """The surrogate's result with the local search's points added (the surrogate's prediction
+    beside each), best first."""
+    seen = {_shares_key(p.weights) for p in res.table}
+    extra = [MixPoint(p.weights, p.damage, p.score, res.surrogate(p.weights) if res.surrogate
+                      else None)
+             for p in local.table if _shares_key(p.weights) not in seen]  # fmt: skip
+    table = sorted(res.table + extra, key=lambda p: p.score)
+    logger.info("local search: %d more mixes evaluated; best %s (score %.4g; the surrogate "
+                "stage's best %.4g)", len(extra), {k: v for k, v in table[0].weights.items() if v},
+                table[0].score, res.best.score)  # fmt: skip
+    return replace(res, best=table[0], table=table, evaluations=res.evaluations + len(extra))
 
 
 def _scratch(sweep_kw):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from polyprune.api import build_manifest, checkpoint_dtype, write_run_files
-from polyprune.compress.damage import combine
+from polyprune.compress.damage import COMBINES, DamageTerm, combine
 from polyprune.compress.engine import EngineConfig
 from polyprune.compress.export import CheckpointWriter, output_dtype
 from polyprune.compress.langstats import mix_shares
@@ -48,7 +48,7 @@ from polyprune.compress.stream import StreamedModel, local_checkpoint, parse_siz
 from polyprune.compress.sweep import Pool, SweepEntry, SweepReport, sweep_blocks
 from polyprune.data.mix import CalibrationMix, CalibrationSet, build_calibration_set
 from polyprune.data.sources import get_source
-from polyprune.errors import InputError
+from polyprune.errors import InputError, shorten
 from polyprune.models import load_config, load_tokenizer, resolve_dtype, resolve_model_path
 from polyprune.outputs import check_not_source, check_output_dir, check_writable, staged_output
 
@@ -171,6 +171,9 @@ class SweepResult:
     seconds: dict[str, float] = field(default_factory=dict)
     pools: list[str] = field(default_factory=list)
     out: str | None = None
+    # mix -> every Linear's error and energy per language (with predict): what ``predicted``
+    # combines, for another combination or a look at single Linears
+    terms: dict[str, list[DamageTerm]] = field(default_factory=dict, repr=False)
 
     def langs(self) -> list[str]:
         return list(dict.fromkeys(lang for row in self.predicted.values() for lang in row))
@@ -236,6 +239,7 @@ def sweep(
     pooling: str = "exact",
     langs: Sequence[str] = (),
     damage_langs: Sequence[str] | None = None,
+    damage_combine: str = "block",
     source: str = "bundled",
     nsamples: int = 128,
     seqlen: int = 2048,
@@ -257,8 +261,13 @@ def sweep(
     ``gemma-3-270m``) once per mix of ``mixes`` from one pass, writing each to
     ``out/<mix>/`` (unless ``write`` is False); ``predict_only`` mixes are solved for the
     predicted damage only. ``langs``: more languages to predict the damage on;
-    ``damage_langs``: only these (default: every language of a mix or of ``langs``)."""
+    ``damage_langs``: only these (default: every language of a mix or of ``langs``);
+    ``damage_combine``: how Linears combine into one damage per language
+    (:func:`polyprune.compress.damage.combine`)."""
     t0 = time.perf_counter()
+    if damage_combine not in COMBINES:
+        raise InputError(f"unknown damage combination {shorten(str(damage_combine))}; allowed: "
+                         f"{', '.join(COMBINES)}")  # fmt: skip
     cfg, pools, plans = _settings(method, mixes, predict_only, predict, write, pooling, langs,
                                   sparsity, pattern, nsamples, seqlen, seed, sampling, source,
                                   device, batch_size, save_masks, progress, offload, offload_dir,
@@ -294,7 +303,9 @@ def sweep(
                       predict, damage_langs)  # fmt: skip
         timings.update({f"engine_{k}": v for k, v in rep.seconds.items()})
         if predict:
-            result.predicted = {n: combine(rep.damage[n]) for n in result.entries}
+            result.terms = {n: rep.damage[n] for n in result.entries}
+            result.predicted = {n: combine(rep.damage[n], damage_combine)
+                                for n in result.entries}  # fmt: skip
         timings["total"] = time.perf_counter() - t0
         result.seconds = timings
         if tmp is not None:
@@ -310,7 +321,7 @@ def sweep(
                         shared = sorted(f for f in set(where.iterdir()) - before
                                         if f.name != MANIFEST)  # fmt: skip
             _write_tables(Path(tmp), result, plans, str(model), method, prune_cfg, pooling,
-                          nsamples)  # fmt: skip
+                          nsamples, damage_combine)  # fmt: skip
     return result
 
 
@@ -412,7 +423,7 @@ def _write_entry(directory, plan, cfg, prune_cfg, path, run_dtype, windows, repo
 
 
 def _write_tables(tmp: Path, result: SweepResult, plans, model, method, prune_cfg, pooling,
-                  nsamples) -> None:  # fmt: skip
+                  nsamples, damage_combine) -> None:  # fmt: skip
     from polyprune.eval.tables import Table, heatmap, to_csv, to_markdown
 
     info = {
@@ -427,6 +438,7 @@ def _write_tables(tmp: Path, result: SweepResult, plans, model, method, prune_cf
             p.name: {"mix": str(p.mix), "written": p.write, "shares": p.shares} for p in plans
         },  # fmt: skip
         "seconds": result.seconds,
+        "damage_combine": damage_combine,
         "predicted_damage": result.predicted,
     }
     (tmp / "sweep.json").write_text(json.dumps(info, indent=2) + "\n")
