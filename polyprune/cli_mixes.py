@@ -150,6 +150,9 @@ def cmd_sweep(args) -> int:
     mixes, grid, langs = _mix_list(args)
     if args.no_write and not args.predict:
         raise InputError("--no-write writes nothing: add --predict")
+    if args.damage_combine != "block" and not args.predict:
+        raise InputError(f"--damage-combine {args.damage_combine} combines predicted damage: "
+                         "add --predict")  # fmt: skip
     res = sweep(args.model, args.method, mixes, predict_only=grid, predict=args.predict,
                 write=not args.no_write, pooling=args.pools, langs=langs,
                 max_shard_size=args.max_shard_size, save_masks=args.save_masks, out=args.out,

@@ -201,6 +201,7 @@ def test_sweep_command_writes_models_tables_and_heatmap(tiny_model_dir, tmp_path
         (["--mixes", "de", "--nsamples", "0"], "nsamples"),
         (["--mixes", "de,en", "--nsamples", "1"], "no sample"),
         (["--mixes", "de", "--predict", "--damage-combine", "max"], "unknown damage combination"),
+        (["--mixes", "de", "--damage-combine", "linear"], "add --predict"),
     ],
 )
 def test_bad_sweep_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, extra, message):
